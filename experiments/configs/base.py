@@ -1,0 +1,103 @@
+"""Fields every stage's config shares: mesh, sharding rules, tokenizer, model, optimizer, logging.
+
+Stage configs start from `base_config()` and change what they need; every config is locked before
+it is returned, so a typo in `--config.field=value` is an error.
+"""
+from ml_collections import config_dict
+
+from instructjax import parallel
+
+placeholder = config_dict.placeholder
+
+# Sizes of the model for each variant: "tiny" runs on a laptop CPU in minutes; "small" is the
+# GPT-2-like reference shape the benchmarks use.
+MODEL_SIZES = {
+    "tiny": dict(d_model=128, n_layers=2, n_heads=4, d_ff=512, max_len=128),
+    "small": dict(d_model=256, n_layers=4, n_heads=4, d_ff=1024, max_len=256),
+}
+
+
+def model_config(size: str = "tiny", flavour: str = "gpt2") -> config_dict.ConfigDict:
+  """The decoder section; `vocab_size` None takes the tokenizer's, padded to a multiple of 128."""
+  m = config_dict.ConfigDict()
+  m.flavour = flavour
+  m.vocab_size = placeholder(int)
+  m.d_model = 128
+  m.n_layers = 2
+  m.n_heads = 4
+  m.n_kv_heads = placeholder(int)
+  m.d_ff = placeholder(int)
+  m.max_len = 128
+  m.norm = placeholder(str)
+  m.mlp = placeholder(str)
+  m.position = placeholder(str)
+  m.tie_embeddings = placeholder(bool)
+  m.use_bias = placeholder(bool)
+  m.rope_theta = 10_000.0
+  m.norm_eps = 1e-5
+  m.dtype = "float32"
+  m.dropout = 0.0
+  m.remat = "none"
+  m.scan_unroll = 1
+  m.attention_impl = placeholder(str)
+  m.init_std = 0.02
+  m.update(MODEL_SIZES[size])
+  return m
+
+
+def optimizer_config(lr: float = 1e-3, warmup_steps: int = 20) -> config_dict.ConfigDict:
+  o = config_dict.ConfigDict()
+  o.lr = lr
+  o.warmup_steps = warmup_steps
+  o.decay = "cosine"          # cosine | linear | constant
+  o.end_fraction = 0.1        # final lr = end_fraction * lr
+  o.weight_decay = 0.0
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.eps = 1e-8
+  o.clip_norm = 1.0           # global-norm clipping; <= 0 turns it off
+  return o
+
+
+def base_config(stage: str) -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+  c.distributed = False       # or INSTRUCTJAX_DISTRIBUTED=1: jax.distributed.initialize()
+  c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.sharding_rules = [list(rule) for rule in parallel.DEFAULT_RULES]
+  c.tokenizer = config_dict.ConfigDict(dict(kind="byte", path=""))
+  c.model = model_config()
+  c.optimizer = optimizer_config()
+  c.init_from = ""            # a checkpoint directory of the previous stage
+  c.steps = 200
+  c.batch_size = 16           # global, across all processes
+  c.log_every = 10
+  c.eval_every = 100
+  c.eval_batches = 8          # 0 = the whole held-out split
+  c.save_every = 100
+  c.keep_checkpoints = 2
+  c.async_checkpoints = False
+  return c
+
+
+def data_config(fmt: str, seq_len: int, max_prompt_len: int = 0) -> config_dict.ConfigDict:
+  """Where the records come from: the synthetic task (no files) or local files."""
+  d = config_dict.ConfigDict()
+  d.source = "synthetic"      # synthetic | files
+  d.format = fmt              # demonstrations | text
+  d.train_files = ""          # comma-separated paths (JSONL, .txt, .gz) for source=files
+  d.eval_files = ""           # empty: hold out every 20th training record
+  d.seq_len = seq_len
+  d.max_prompt_len = max_prompt_len
+  d.too_long = "truncate"     # truncate | error | skip (counted and logged)
+  d.num_train = 20_000        # synthetic records to generate
+  d.num_eval = 512
+  return d
+
+
+def synthetic_config() -> config_dict.ConfigDict:
+  s = config_dict.ConfigDict()
+  s.seed = 0
+  s.labeler_agreement = 0.73
+  return s

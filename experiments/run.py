@@ -1,0 +1,50 @@
+"""The one entry point: `python -m experiments.run --config experiments/configs/X.py[:arg] --workdir DIR`.
+
+It parses the config (locked: a mistyped `--config.field=value` is an error) and hands it to the
+stage named by `config.stage`. Re-running the same command on the same workdir resumes.
+"""
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+
+
+def stage_runner(stage: str):
+  """The trainer of each stage, imported lazily so that `--help` stays fast."""
+  if stage in ("pretrain", "sft"):
+    from instructjax.trainers import lm
+    if stage == "sft":
+      from instructjax.trainers import sft_eval
+      return lambda config, workdir: lm.train(config, workdir, extra_eval=sft_eval.for_config(config))
+    return lm.train
+  raise SystemExit(f"config.stage={stage!r} has no trainer")
+
+
+def main(argv):
+  del argv
+  from instructjax import parallel
+  from instructjax.errors import InputError
+  from instructjax.metrics import NonFiniteLossError
+  logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file they touch at INFO
+  config = _CONFIG.value
+  if config is None or not _WORKDIR.value:
+    raise app.UsageError("--config and --workdir are required")
+  parallel.maybe_initialize_distributed(config.get("distributed", False))
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  try:
+    stage_runner(config.stage)(config, _WORKDIR.value)
+  except InputError as e:  # bad input: one clear line, no traceback from inside jax
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except NonFiniteLossError as e:
+    print(f"stopped: {e}", file=sys.stderr)
+    sys.exit(3)
+
+
+if __name__ == "__main__":
+  app.run(main)

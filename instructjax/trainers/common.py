@@ -1,0 +1,102 @@
+"""Pieces every stage's thin loop shares: mesh and rules from the config, sharded state creation,
+the jitted step wrapper, and the tokenizer / model config the stages agree on."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, PartitionSpec
+
+from instructjax import parallel
+from instructjax.data.tokenizers import Tokenizer, make_tokenizer
+from instructjax.errors import InputError
+from instructjax.models.config import ModelConfig, pad_vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where arrays live: the mesh and the logical-axis rules that map names onto it."""
+  mesh: Mesh
+  rules: tuple
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "Layout":
+    return cls(parallel.make_mesh(dict(config.mesh)), parallel.rules_from_config(config.sharding_rules))
+
+  def scope(self):
+    """Context for tracing and running steps: the mesh and the activation rules."""
+    import contextlib
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(parallel.axis_rules(self.rules))
+    return stack
+
+
+def tokenizer_from_config(config: ml_collections.ConfigDict) -> Tokenizer:
+  return make_tokenizer(config.tokenizer.kind, config.tokenizer.path or None)
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
+  """The model section as a ModelConfig; vocab_size None means the tokenizer's, padded to 128."""
+  fields = config.model.to_dict()
+  if fields.get("vocab_size") is None:
+    fields["vocab_size"] = pad_vocab(tokenizer.vocab_size)
+  if fields["vocab_size"] < tokenizer.vocab_size:
+    raise InputError("config.model.vocab_size", f"{fields['vocab_size']} is smaller than the "
+                     f"tokenizer's vocabulary ({tokenizer.vocab_size})")
+  return ModelConfig.from_mapping(fields)
+
+
+def check_seq_len(cfg: ModelConfig, seq_len: int, where: str = "config.data.seq_len") -> None:
+  if cfg.position == "learned" and seq_len > cfg.max_len:
+    raise InputError(where, f"{seq_len} exceeds the model's learned positions (max_len={cfg.max_len})")
+
+
+def split_model(model_fn: Callable[[nnx.Rngs], nnx.Module]) -> tuple[nnx.GraphDef, nnx.State]:
+  """Graph definition and abstract state of a model, without allocating its parameters."""
+  abstract = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
+  return nnx.split(abstract)
+
+
+def opt_state_specs(optimizer: optax.GradientTransformation, params_abstract, param_specs):
+  """Optimizer states mirror the parameters' layout; counters and scalars are replicated."""
+  opt_abstract = jax.eval_shape(optimizer.init, params_abstract)
+  return optax.tree_map_params(optimizer, lambda _, spec: spec, opt_abstract, param_specs,
+                               transform_non_params=lambda _: PartitionSpec(),
+                               is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def shardings_of(layout: Layout, abstract_state, specs) -> Any:
+  """NamedShardings for a state pytree given PartitionSpecs for its param-like parts."""
+  return parallel.named(layout.mesh, specs)
+
+
+def create_sharded(init_fn: Callable[[], Any], shardings: Any) -> Any:
+  """Runs `init_fn` under jit with `out_shardings`, so no host holds a full copy of the state."""
+  return jax.jit(init_fn, out_shardings=shardings)()
+
+
+def abstract_with_shardings(state_shape: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      state_shape, shardings)
+
+
+def save_json(path: str, obj: Any) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=str)
+
+
+def checkpoint_dir(path: str) -> str:
+  """Accepts a stage's workdir or its `checkpoints/` directory (what `init_from` points at)."""
+  path = path.rstrip("/")
+  return path if os.path.basename(path) == "checkpoints" or not os.path.isdir(
+      os.path.join(path, "checkpoints")) else os.path.join(path, "checkpoints")

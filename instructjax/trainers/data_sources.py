@@ -1,0 +1,73 @@
+"""Where a stage's records come from: local files, or the synthetic task written out as files.
+
+Both go through the same TFDS builders (array_record) and grain pipelines, so the default run
+exercises exactly the path a user's own data takes.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+from jax.experimental import multihost_utils
+
+from instructjax.data import builders, records
+from instructjax.data.synthetic import SyntheticTask, TaskConfig
+from instructjax.errors import InputError
+
+
+def synthetic_task(config) -> SyntheticTask:
+  return SyntheticTask(TaskConfig(seed=config.synthetic.seed,
+                                  labeler_agreement=config.synthetic.labeler_agreement))
+
+
+def _split_paths(value: str, where: str) -> list[str]:
+  paths = [p.strip() for p in value.split(",") if p.strip()]
+  for path in paths:
+    if not os.path.exists(path):
+      raise InputError(where, f"file not found: {path}")
+  return paths
+
+
+def _synthetic_files(config, data_dir: str) -> dict[str, list[str]]:
+  """Writes the synthetic records once (process 0) and returns their paths per split."""
+  task = synthetic_task(config)
+  kind = config.data.format
+  plan = {"train": ("train", config.data.num_train), "validation": ("eval", config.data.num_eval)}
+  paths = {}
+  for split, (task_split, n) in plan.items():
+    name = f"{kind}-{task_split}-seed{config.synthetic.seed}-n{n}.jsonl"
+    path = os.path.join(data_dir, "synthetic", name)
+    paths[split] = [path]
+    if jax.process_index() == 0 and not os.path.exists(path):
+      if kind == "demonstrations":
+        rows = task.demonstrations(n, task_split)
+      else:
+        rows = [{"text": t} for t in task.pretraining_documents(n, task_split)]
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      records.write_jsonl(path + ".tmp", rows)
+      os.replace(path + ".tmp", path)  # a killed run never leaves a half-written file behind
+  return paths
+
+
+def lm_sources(config, workdir: str) -> dict:
+  """Random-access train and validation sources for the pretraining / SFT stages."""
+  data_dir = os.path.join(workdir, "data")
+  if config.data.source == "synthetic":
+    paths = _synthetic_files(config, data_dir)
+  elif config.data.source == "files":
+    paths = {"train": _split_paths(config.data.train_files, "config.data.train_files")}
+    if not paths["train"]:
+      raise InputError("config.data.train_files", "source=files needs at least one file")
+    if config.data.eval_files:
+      paths["validation"] = _split_paths(config.data.eval_files, "config.data.eval_files")
+  else:
+    raise InputError("config.data.source", f"{config.data.source!r} is not 'synthetic' or 'files'")
+  tfds_dir = os.path.join(data_dir, "tfds")
+  # One process builds; the others wait and then open the finished build.
+  if jax.process_index() == 0:
+    sources = builders.build(config.data.format, paths, tfds_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("instructjax data built")
+  if jax.process_index() != 0:
+    sources = builders.build(config.data.format, paths, tfds_dir)
+  return sources

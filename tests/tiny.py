@@ -1,0 +1,30 @@
+"""Tiny configs for trainer tests: the stage configs' `tiny` variant, shrunk further."""
+from experiments.configs import pretrain, sft
+
+TINY_MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=64)
+
+
+def lm_config(stage: str = "sft", **overrides):
+  """A locked config of the pretrain/SFT stage that trains in seconds on CPU."""
+  config = (sft if stage == "sft" else pretrain).get_config("tiny")
+  with config.unlocked():
+    config.model.update(TINY_MODEL)
+    config.data.seq_len = 48
+    if stage == "sft":
+      config.data.max_prompt_len = 40
+    config.data.num_train = 200
+    config.data.num_eval = 32
+    config.batch_size = 8
+    config.steps = 6
+    config.log_every = 2
+    config.eval_every = 3
+    config.eval_batches = 2
+    config.save_every = 3
+    config.optimizer.warmup_steps = 2
+    for key, value in overrides.items():
+      target = config
+      *parents, leaf = key.split(".")
+      for p in parents:
+        target = target[p]
+      target[leaf] = value
+  return config
