@@ -12,6 +12,10 @@ def lm_config(stage: str = "sft", **overrides):
     config.data.seq_len = 48
     if stage == "sft":
       config.data.max_prompt_len = 40
+      config.sampling.prompt_len = 40
+      config.sampling.max_new_tokens = 8
+      config.sampling.batch_size = 8
+      config.eval_samples = 8
     config.data.num_train = 200
     config.data.num_eval = 32
     config.batch_size = 8
