@@ -14,15 +14,24 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
 
 
+# config.stage -> the module under instructjax/trainers whose `run(config, workdir)` runs it.
+STAGES = {
+    "pretrain": "lm",
+    "sft": "lm",
+    "reward": "reward",
+    "ppo": "ppo",
+    "sample": "sample",
+    "evaluate": "evaluate",
+    "pipeline": "pipeline",
+}
+
+
 def stage_runner(stage: str):
-  """The trainer of each stage, imported lazily so that `--help` stays fast."""
-  if stage in ("pretrain", "sft"):
-    from instructjax.trainers import lm
-    if stage == "sft":
-      from instructjax.trainers import sft_eval
-      return lambda config, workdir: lm.train(config, workdir, extra_eval=sft_eval.for_config(config))
-    return lm.train
-  raise SystemExit(f"config.stage={stage!r} has no trainer")
+  """The trainer of a stage, imported lazily so that `--help` stays fast."""
+  import importlib
+  if stage not in STAGES:
+    raise app.UsageError(f"config.stage={stage!r} is not one of {sorted(STAGES)}")
+  return importlib.import_module(f"instructjax.trainers.{STAGES[stage]}").run
 
 
 def main(argv):

@@ -101,3 +101,15 @@ def synthetic_config() -> config_dict.ConfigDict:
   s.seed = 0
   s.labeler_agreement = 0.73
   return s
+
+
+def sampling_config(prompt_len: int, max_new_tokens: int = 24) -> config_dict.ConfigDict:
+  """How evaluation and data collection sample: prompts are left-padded/cut to prompt_len."""
+  s = config_dict.ConfigDict()
+  s.prompt_len = prompt_len
+  s.max_new_tokens = max_new_tokens
+  s.batch_size = 64
+  s.temperature = 1.0
+  s.top_k = 0
+  s.top_p = 1.0
+  return s

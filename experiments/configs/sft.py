@@ -20,6 +20,8 @@ def get_config(arg: str = "tiny"):
   c.data.num_train = 8_000
   c.data.num_eval = 256
   c.synthetic = base.synthetic_config()
+  c.sampling = base.sampling_config(prompt_len=64)
+  c.eval_samples = 128        # held-out synthetic prompts whose greedy answers get a gold score
   c.optimizer = base.optimizer_config(lr=1e-3, warmup_steps=20)
   c.steps = 300 if size == "tiny" else 2_000
   c.batch_size = 16 if size == "tiny" else 32
@@ -27,3 +29,15 @@ def get_config(arg: str = "tiny"):
   c.save_every = 100 if size == "tiny" else 500
   c.lock()
   return c
+
+
+def sweep(arg: str = "tiny") -> list[dict]:
+  """Learning rate x weight decay around the defaults, one run each (see experiments/sweep.py).
+
+  Run with `python -m experiments.sweep --config experiments/configs/sft.py:tiny --workdir DIR
+  --local`, then the same with `--summary` for the table.
+  """
+  del arg  # the same grid suits both sizes: their defaults share the learning rate
+  return [{"name": f"lr{lr:g}_wd{wd:g}",
+           "overrides": {"optimizer.lr": lr, "optimizer.weight_decay": wd}}
+          for lr in (3e-4, 1e-3, 3e-3) for wd in (0.0, 0.1)]

@@ -38,6 +38,14 @@ class Layout:
     return stack
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelHandle:
+  """What code outside the step needs to run a model: its graph, config and parameter layout."""
+  graphdef: nnx.GraphDef
+  cfg: ModelConfig
+  param_shardings: Any
+
+
 def tokenizer_from_config(config: ml_collections.ConfigDict) -> Tokenizer:
   return make_tokenizer(config.tokenizer.kind, config.tokenizer.path or None)
 

@@ -1,5 +1,38 @@
-"""SFT's task-level evaluation: filled in by the sampler (gold score of greedy samples)."""
+"""SFT's task-level evaluation: the gold score of greedy samples on held-out synthetic prompts.
+
+The held-out loss says the model fits the demonstrations; this says it follows instructions.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from instructjax.sampling import Sampler, SamplingConfig
+from instructjax.trainers import generate
+from instructjax.trainers.data_sources import synthetic_task
+
+
+def gold_score_eval(config, task, params, model, tokenizer, layout, *, prompts=None,
+                    split: str = "eval") -> dict[str, float]:
+  """Mean gold score, EOS rate and length of greedy responses to `config.eval_samples` prompts."""
+  prompts = prompts if prompts is not None else task.prompts(config.eval_samples, split)
+  sampler = Sampler(model.graphdef, SamplingConfig(max_new_tokens=config.sampling.max_new_tokens,
+                                                   greedy=True),
+                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=layout.mesh,
+                    param_shardings=model.param_shardings, rules=layout.rules)
+  completions = generate.complete(sampler, params, tokenizer, prompts, jax.random.PRNGKey(0),
+                                  prompt_len=config.sampling.prompt_len,
+                                  batch_size=config.sampling.batch_size, mesh=layout.mesh)
+  scores = [task.score(c.prompt, c.text) for c in completions]
+  return dict(eval_gold_score=float(np.mean(scores)),
+              eval_ended_fraction=float(np.mean([c.ended for c in completions])),
+              eval_response_length=float(np.mean([len(c.tokens) for c in completions])))
 
 
 def for_config(config):
-  return None
+  """The extra evaluation of an SFT run, or None when the data is not the synthetic task."""
+  if config.data.source != "synthetic":
+    return None
+  task = synthetic_task(config)
+  return lambda params, model, tokenizer, layout: gold_score_eval(config, task, params, model,
+                                                                  tokenizer, layout)
