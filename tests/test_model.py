@@ -169,3 +169,11 @@ def test_mesh_fills_the_one_unknown_axis():
     parallel.mesh_shape({"data": -1, "fsdp": -1}, 8)
   with pytest.raises(InputError, match="needs 16"):
     parallel.mesh_shape({"data": 4, "fsdp": 4}, 8)
+
+
+def test_padding_vocabulary_ids_are_never_predicted():
+  graphdef, params = split(LanguageModel(tiny("gpt2", real_vocab_size=50), rngs=nnx.Rngs(0)))
+  logits, _ = run(graphdef, params, jnp.array([[1, 2, 3]]), jnp.ones((1, 3)))
+  probs = jax.nn.softmax(logits, -1)
+  assert float(probs[..., 50:].sum()) == 0.0
+  assert np.isfinite(np.asarray(jax.nn.log_softmax(logits))).all()

@@ -1,7 +1,16 @@
 """Tiny configs for trainer tests: the stage configs' `tiny` variant, shrunk further."""
-from experiments.configs import pretrain, sft
+from experiments.configs import pretrain, reward, sft
 
 TINY_MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=64)
+
+
+def _override(config, overrides):
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
 
 
 def lm_config(stage: str = "sft", **overrides):
@@ -31,4 +40,29 @@ def lm_config(stage: str = "sft", **overrides):
       for p in parents:
         target = target[p]
       target[leaf] = value
+  return config
+
+
+def reward_config(**overrides):
+  """A locked reward-model config matching `lm_config("sft")`'s model, trained in seconds."""
+  config = reward.get_config("tiny")
+  with config.unlocked():
+    config.model.update(TINY_MODEL)
+    config.data.seq_len = 48
+    config.data.max_prompt_len = 40
+    config.data.min_k, config.data.max_k = 2, 4
+    config.data.num_train_prompts = 24
+    config.data.num_eval_prompts = 8
+    config.sampling.prompt_len = 40
+    config.sampling.max_new_tokens = 8
+    config.sampling.batch_size = 16
+    config.normalisation_prompts = 8
+    config.batch_size = 8
+    config.steps = 4
+    config.log_every = 2
+    config.eval_every = 2
+    config.eval_batches = 0
+    config.save_every = 2
+    config.optimizer.warmup_steps = 1
+    _override(config, overrides)
   return config

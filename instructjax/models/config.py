@@ -26,6 +26,7 @@ class ModelConfig:
   """Shapes and switches of the decoder; `None` fields take the flavour's default."""
   flavour: str = "gpt2"
   vocab_size: int = 512
+  real_vocab_size: int | None = None  # the tokenizer's; logits of the padding ids above it are masked
   d_model: int = 256
   n_layers: int = 4
   n_heads: int = 4
@@ -74,6 +75,9 @@ class ModelConfig:
       problems.append(f"mlp={self.mlp!r} is not 'gelu' or 'swiglu'")
     if self.position not in ("learned", "rope"):
       problems.append(f"position={self.position!r} is not 'learned' or 'rope'")
+    if self.real_vocab_size is not None and not 0 < self.real_vocab_size <= self.vocab_size:
+      problems.append(f"real_vocab_size={self.real_vocab_size} must be in "
+                      f"(0, vocab_size={self.vocab_size}]")
     if problems:
       raise InputError("model config", "; ".join(problems))
 

@@ -31,6 +31,10 @@ def _ones(shape, names):
   return nnx.Param(jnp.ones(shape, jnp.float32), logical_axes=names)
 
 
+# Finite (not -inf) so that p * log p and masked sums stay 0 rather than NaN.
+PADDING_LOGIT = -1e9
+
+
 class KVCache(NamedTuple):
   """Keys and values of every layer: [layers, batch, cache_length, kv_heads, head_dim]."""
   k: jax.Array
@@ -166,13 +170,22 @@ class LanguageModel(nnx.Module):
                             ("embed", "vocab"))
 
   def unembed(self, hidden):
-    """Logits in float32 (losses and sampling need the precision)."""
-    dtype = self.cfg.compute_dtype
-    if self.cfg.tie_embeddings:
+    """Logits in float32 (losses and sampling need the precision).
+
+    The table is padded past the tokenizer's vocabulary (so it shards and tiles evenly); those ids
+    stand for no text, so their logits are masked here, once, for training, sampling and PPO alike.
+    """
+    cfg = self.cfg
+    dtype = cfg.compute_dtype
+    if cfg.tie_embeddings:
       logits = jnp.einsum("btd,vd->btv", hidden, self.backbone.embed[...].astype(dtype))
     else:
       logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head[...].astype(dtype))
-    return logical_constraint(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+    logits = logits.astype(jnp.float32)
+    if cfg.real_vocab_size is not None and cfg.real_vocab_size < cfg.vocab_size:
+      real = jnp.arange(cfg.vocab_size) < cfg.real_vocab_size
+      logits = jnp.where(real, logits, PADDING_LOGIT)
+    return logical_constraint(logits, ("batch", "length", "act_vocab"))
 
   def __call__(self, tokens, mask, **kwargs):
     """Returns (logits [B, T, V] float32, cache)."""

@@ -55,6 +55,8 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Mod
   fields = config.model.to_dict()
   if fields.get("vocab_size") is None:
     fields["vocab_size"] = pad_vocab(tokenizer.vocab_size)
+  if fields.get("real_vocab_size") is None:
+    fields["real_vocab_size"] = tokenizer.vocab_size
   if fields["vocab_size"] < tokenizer.vocab_size:
     raise InputError("config.model.vocab_size", f"{fields['vocab_size']} is smaller than the "
                      f"tokenizer's vocabulary ({tokenizer.vocab_size})")
