@@ -1,6 +1,8 @@
-"""Grain input pipelines for pretraining and SFT: fixed-shape numpy batches, resumable.
+"""Grain input pipelines for pretraining, SFT and the reward model: fixed-shape numpy batches,
+resumable.
 
-Every pipeline yields dicts of numpy arrays, the per-process slice of the global batch:
+Every language-model pipeline yields dicts of numpy arrays, the per-process slice of the global
+batch (the reward model's ranking batches are described in the rankings section below):
 
   tokens     int32   [B, T]  token ids, right-padded with `tokenizer.pad_id`
   mask       int32   [B, T]  1 = real token, 0 = padding
@@ -35,6 +37,7 @@ Iterators are checkpointable: `it.get_state()` is a JSON-able dict and
 `PipelineStats` counters are local to the process and are not part of that state.
 """
 import dataclasses
+import json
 import logging
 import math
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence
@@ -508,3 +511,225 @@ def eval_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, kind: str,
     return _pretrain_eval(source, tokenizer, seq_len=seq_len, batch_size=batch_size,
                           process_index=process_index, process_count=process_count, stats=stats)
   raise InputError("kind", f"must be 'sft' or 'pretrain', got {kind!r}")
+
+
+# ----------------------------------------------------------------------------- rankings
+#
+# The reward model's batches (layout in `instructjax.data.ranking_batches`): one ranking
+# per element, tokens/mask [B, K, T], ranks/valid [B, K]. "kway" keeps a prompt's K
+# responses (all its pairs) in one element; "pairwise" (InstructGPT's ablation) makes every
+# comparison its own K = 2 element, shuffled across prompts, with the same multiset of pairs.
+
+RANKING_MODES = ("kway", "pairwise")
+GOLD_FIELDS = ("gold_ranks", "gold_valid")
+
+
+def _json_field(record: dict, field: str, where: str):
+  """A list field that a TFDS build stores as JSON text (or a plain list)."""
+  value = record.get(field)
+  if isinstance(value, (bytes, str)):
+    try:
+      return json.loads(value.decode("utf-8") if isinstance(value, bytes) else value)
+    except (UnicodeDecodeError, ValueError) as e:
+      raise InputError(where, f"field {field!r} is not valid JSON ({e})") from None
+  return value
+
+
+def ranking_record(element: dict) -> dict:
+  """A ranking record from a source element: a built one (JSON text fields, `extra`) or a
+  plain dict. Not validated here; `ranking_batches.tokenize_ranking` validates."""
+  where = _where(element) if "source" in element else "record"
+  record = dict(_json_field(element, "extra", where) or {}) if "extra" in element else {}
+  record.update({k: v for k, v in element.items() if k not in ("extra", "source")})
+  if isinstance(record.get("prompt"), bytes):
+    record["prompt"] = _string(element, "prompt")
+  for field in ("responses", "ranks"):
+    record[field] = _json_field(element, field, where)
+  record["source"] = where
+  return record
+
+
+def gold_ranks(record: dict, max_k: int) -> dict[str, np.ndarray]:
+  """Dense ranks of the record's `gold_scores` (higher score = rank 0), padded to max_k.
+
+  `gold_valid` is all False when the record carries no gold scores (real labeler data).
+  """
+  out = {"gold_ranks": np.zeros([max_k], np.int32), "gold_valid": np.zeros([max_k], bool)}
+  scores = record.get("gold_scores")
+  if scores is None:
+    return out
+  k = len(record["responses"])
+  if not isinstance(scores, list) or len(scores) != k or not all(
+      isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+    raise InputError(record.get("source", "record"), f"'gold_scores' must be {k} numbers, one "
+                     f"per response, got {scores!r}")
+  distinct = np.unique(-np.asarray(scores, np.float64))
+  out["gold_ranks"][:k] = np.searchsorted(distinct, -np.asarray(scores, np.float64))
+  out["gold_valid"][:k] = True
+  return out
+
+
+def _check_ranking_mode(mode: str) -> None:
+  if mode not in RANKING_MODES:
+    raise InputError("mode", f"must be one of {RANKING_MODES}, got {mode!r}")
+
+
+def _ranking_to_example(tokenizer: TokenizerLike, *, seq_len: int, max_prompt_len: int,
+                        max_k: int, with_gold: bool = False) -> Callable[[dict], dict]:
+  from instructjax.data import ranking_batches
+
+  def to_example(element: dict) -> dict[str, np.ndarray]:
+    record = ranking_record(element)
+    example = ranking_batches.tokenize_ranking(record, tokenizer, seq_len=seq_len,
+                                               max_prompt_len=max_prompt_len, max_k=max_k,
+                                               where=record["source"])
+    if with_gold:
+      example.update(gold_ranks(record, max_k))
+    return example
+  return to_example
+
+
+def pairwise_source(source: Sequence[dict], *, max_k: int, seed: int) -> list[dict]:
+  """Every comparison of every ranking as its own K = 2 record, shuffled across prompts.
+
+  Reads the whole source (comparison data is small next to its tokens). A ranking of more
+  than `max_k` responses is refused here too, so both modes accept the same files.
+  """
+  from instructjax.data import ranking_batches, rankings
+  records = []
+  for i in range(len(source)):
+    record = ranking_record(_WithSource(source)[i])
+    records.append(rankings.validate_ranking(record, record["source"], max_k=max_k))
+  return ranking_batches.pairwise_records(records, seed)
+
+
+def ranking_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len: int,
+                    max_prompt_len: int, max_k: int, batch_size: int, seed: int,
+                    mode: str = "kway", shuffle: bool = True, repeat: bool = True,
+                    process_index: int = 0, process_count: int = 1,
+                    read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """Training batches of rankings for this process: tokens/mask [B, K, T], ranks/valid [B, K].
+
+  Args:
+    source: random-access ranking records, e.g. `builders.rankings.build(...)["train"]`
+      (JSON text fields) or a list of {"prompt", "responses", "ranks"} dicts.
+    max_k: K of every element in "kway" mode; a ranking of more responses is an InputError
+      naming its source. "pairwise" elements have K = 2.
+    mode: "kway" (one element per ranking) or "pairwise" (one per comparison; the pairs
+      are exploded and shuffled with `seed` once, then reshuffled every epoch like any
+      source).
+  Multi-host slicing, epochs and checkpointable iterators are those of `sft_dataset`.
+  """
+  _check_shapes(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
+                process_count=process_count)
+  _check_ranking_mode(mode)
+  if mode == "pairwise":
+    source, max_k = pairwise_source(source, max_k=max_k, seed=seed), 2
+  records = _process_records(source, seed=seed, shuffle=shuffle, repeat=repeat,
+                             process_index=process_index, process_count=process_count)
+  to_example = _ranking_to_example(tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
+                                   max_k=max_k)
+  return (records.map(to_example).to_iter_dataset(read_options)
+          .batch(batch_size, drop_remainder=True))
+
+
+def ranking_eval_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len: int,
+                         max_prompt_len: int, max_k: int, batch_size: int,
+                         process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """One ordered K-way pass over `source`, padded with empty rankings (no pair, no metric).
+
+  Every process yields the same number of batches and every record is used exactly once
+  (records `[process_index::process_count]`). Besides the training fields, batches carry
+  `gold_ranks` [B, K] and `gold_valid` [B, K] from the records' `gold_scores` (all False
+  when absent), for the accuracy against the gold ordering.
+  """
+  from instructjax.data import ranking_batches
+  _check_shapes(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
+                process_count=process_count)
+  records = grain.MapDataset.source(_WithSource(source))[process_index::process_count]
+  padded_len = _num_eval_batches(len(source), process_count, batch_size) * batch_size
+  to_example = _ranking_to_example(tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
+                                   max_k=max_k, with_gold=True)
+  padding = {**ranking_batches.empty_ranking(seq_len=seq_len, max_k=max_k,
+                                             pad_id=tokenizer.pad_id),
+             "gold_ranks": np.zeros([max_k], np.int32), "gold_valid": np.zeros([max_k], bool)}
+
+  def example_at(i: int) -> dict[str, np.ndarray]:
+    return to_example(records[i]) if i < len(records) else padding
+
+  return grain.MapDataset.range(padded_len).map(example_at).batch(batch_size).to_iter_dataset()
+
+
+# ----------------------------------------------------------------------------- PPO prompts
+#
+# PPO's rollouts start from prompts alone. Each element is one prompt, LEFT-padded (the sampler
+# appends the response after the last column) or cut to its last `prompt_len` tokens:
+#
+#   tokens  int32 [B, P]  pad_id, then the prompt's ids
+#   mask    int32 [B, P]  1 on the prompt's ids
+#   index   int32 [B]     the record's index in the source (to find its text again)
+
+
+def left_padded_prompt(ids: Sequence[int], prompt_len: int, pad_id: int) -> dict[str, np.ndarray]:
+  """One prompt row; a longer prompt keeps its last `prompt_len` tokens (nearest the answer)."""
+  ids = list(ids)[-prompt_len:]
+  tokens = np.full([prompt_len], pad_id, np.int32)
+  mask = np.zeros([prompt_len], np.int32)
+  if ids:
+    tokens[prompt_len - len(ids):] = ids
+    mask[prompt_len - len(ids):] = 1
+  return {"tokens": tokens, "mask": mask}
+
+
+class _PromptExample(NamedTuple):
+  row: dict[str, np.ndarray]
+  truncated: bool
+
+
+def prompt_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, prompt_len: int,
+                   batch_size: int, seed: int, shuffle: bool = True, repeat: bool = True,
+                   process_index: int = 0, process_count: int = 1,
+                   stats: PipelineStats | None = None,
+                   read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """Batches of left-padded prompts for this process (layout above), for PPO rollouts.
+
+  Args:
+    source: random-access records with "prompt" (str or UTF-8 bytes) and optionally "source".
+      A prompt without tokens is an InputError naming its source.
+    prompt_len: P; a longer prompt is cut at the front and counted in `stats.truncated`.
+  Shuffling, epochs (reshuffled each), multi-host slicing and checkpointable iterators are
+  those of `sft_dataset`.
+  """
+  _check_shapes(seq_len=max(prompt_len, 2), batch_size=batch_size, process_index=process_index,
+                process_count=process_count)
+  if prompt_len < 1:
+    raise InputError("prompt_len", f"must be at least 1, got {prompt_len}")
+  stats = stats if stats is not None else PipelineStats()
+  indexed = grain.MapDataset.range(len(source)).map(lambda i: (i, _WithSource(source)[i]))
+  if shuffle:
+    _check_seed(seed)
+    indexed = indexed.shuffle(seed)
+  indexed = indexed[process_index::process_count]
+  if len(indexed) == 0:
+    raise InputError(f"process {process_index}", f"gets no prompts: the source has "
+                     f"{len(source)} for {process_count} processes")
+  if repeat:
+    indexed = indexed.repeat()
+
+  def to_example(item) -> _PromptExample:
+    index, record = item
+    ids = tokenizer.encode(_string(record, "prompt"))
+    if not ids:
+      raise InputError(_where(record), "prompt has no tokens")
+    row = left_padded_prompt(ids, prompt_len, tokenizer.pad_id)
+    row["index"] = np.int32(index)
+    return _PromptExample(row, len(ids) > prompt_len)
+
+  def account(example: _PromptExample) -> dict[str, np.ndarray]:
+    # In the consuming thread, so counts follow what was delivered, not what was prefetched.
+    stats.examples += 1
+    stats.truncated += int(example.truncated)
+    return example.row
+
+  return (indexed.map(to_example).to_iter_dataset(read_options).map(account)
+          .batch(batch_size, drop_remainder=True))

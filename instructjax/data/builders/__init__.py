@@ -1,6 +1,6 @@
 """TFDS builders that turn validated record files into array_record datasets.
 
-`build("demonstrations" | "text", {"train": [...], "validation": [...]}, data_dir)`
+`build("demonstrations" | "text" | "rankings", {"train": [...], "validation": [...]}, data_dir)`
 writes (once per distinct set of input files) and returns random-access sources, one per
 split, whose elements are dicts of UTF-8 `bytes`: the record's fields plus `source`
 ("path:line"). Reading uses no TensorFlow: TFDS array_record data sources only.
@@ -13,10 +13,11 @@ import tensorflow_datasets as tfds
 from instructjax.data.builders.base import (InputsConfig, PathsArg, TRAIN, VALIDATION,
                                             is_held_out, make_config, num_held_out)
 from instructjax.data.builders.demonstrations import Demonstrations
+from instructjax.data.builders.rankings import Rankings
 from instructjax.data.builders.text_corpus import TextCorpus
 from instructjax.errors import InputError
 
-BUILDERS = {"demonstrations": Demonstrations, "text": TextCorpus}
+BUILDERS = {"demonstrations": Demonstrations, "text": TextCorpus, "rankings": Rankings}
 # A random-access source: `len(source)` and `source[i]` -> dict of bytes.
 RandomAccessSource = Any
 
@@ -34,7 +35,7 @@ def build(kind: str, paths: PathsArg, data_dir: str | os.PathLike) -> dict[str, 
   """Builds the dataset unless an identical build exists; returns split -> data source.
 
   Args:
-    kind: "demonstrations" or "text".
+    kind: "demonstrations", "text" or "rankings" (see `builders.rankings`).
     paths: split name -> one path or a list of paths. With only "train", a
       "validation" split is held out of it deterministically (every 20th record, at
       least one; none for a single record).
@@ -45,6 +46,6 @@ def build(kind: str, paths: PathsArg, data_dir: str | os.PathLike) -> dict[str, 
   return {split: builder.as_data_source(split) for split in builder.info.splits}
 
 
-__all__ = ["BUILDERS", "Demonstrations", "InputsConfig", "RandomAccessSource", "TRAIN",
+__all__ = ["BUILDERS", "Demonstrations", "InputsConfig", "RandomAccessSource", "Rankings", "TRAIN",
            "TextCorpus", "VALIDATION", "build", "builder_for", "is_held_out", "make_config",
            "num_held_out"]

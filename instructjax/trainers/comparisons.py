@@ -1,0 +1,266 @@
+"""Synthetic comparison collection: InstructGPT's labelling loop, run locally.
+
+The paper's reward-model data comes from labelers ranking K = 4..9 samples of the SFT policy
+for one prompt. Here the SFT policy samples K responses per prompt (K drawn uniformly in
+[data.min_k, data.max_k] for each prompt; the prompt is repeated K times in the sampling batch,
+so all of them come from one batched call, not K calls) and the synthetic task's simulated
+labeler ranks them (`SyntheticTask.rank`, seeded per prompt). The result is written as ranking
+JSONL files into `<workdir>/comparisons/`, which then go through the same TFDS builder and
+grain pipeline as a user's own ranking files.
+
+Each record also keeps `gold_scores` (the task's gold score of every response), so evaluation
+can measure the reward model's agreement with the gold ordering, not only with the noisy
+labeler. Dropped and skipped data is counted, never silently lost:
+
+  * a response that decodes to empty or whitespace-only text is dropped (a ranking record
+    cannot hold it); if fewer than 2 responses remain the prompt is skipped;
+  * a prompt whose responses all tie (e.g. all equal, or all equally wrong) gives no pair
+    and is skipped.
+
+Collection runs once: the files and a `summary.json` (counts, timing, the settings they were
+made with) are written atomically by process 0, and a re-run or a resumed run that finds them
+reads them instead of sampling again. Finding files collected with other settings is an error
+(use a fresh workdir), so a changed config never silently trains on stale comparisons.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import zlib
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from instructjax import parallel
+from instructjax.data import rankings
+from instructjax.data.synthetic import SyntheticTask
+from instructjax.data.tokenizers import Tokenizer
+from instructjax.errors import InputError
+from instructjax.models.decoder import LanguageModel
+from instructjax.sampling import Sampler, SamplingConfig
+from instructjax.trainers import common, generate, loop
+
+COMPARISONS_DIR = "comparisons"
+SUMMARY_FILE = "summary.json"
+# The task split each file's prompts come from: "rm" is reserved for reward-model data and
+# "eval" is disjoint from it in its (instruction, input) pairs.
+TASK_SPLITS = {"train": "rm", "validation": "eval"}
+
+# prompts -> one response text per prompt (a policy's samples, or the task's stand-in).
+Responder = Callable[[Sequence[str]], list[str]]
+
+
+@dataclasses.dataclass
+class Counts:
+  """What collection made of one split's prompts."""
+  prompts: int = 0
+  responses: int = 0
+  records: int = 0
+  pairs: int = 0
+  empty_responses_dropped: int = 0
+  all_tied_skipped: int = 0
+  too_few_responses_skipped: int = 0
+
+
+# ----------------------------------------------------------------------------- ranking
+
+
+def draw_ks(n: int, min_k: int, max_k: int, seed: int) -> np.ndarray:
+  """K for each of `n` prompts, uniform in [min_k, max_k]."""
+  check_k_range(min_k, max_k)
+  return np.random.default_rng([seed, zlib.crc32(b"k per prompt")]).integers(
+      min_k, max_k + 1, size=n)
+
+
+def check_k_range(min_k: int, max_k: int) -> None:
+  if not 2 <= min_k <= max_k:
+    raise InputError("config.data.min_k/max_k", f"need 2 <= min_k <= max_k, got min_k={min_k}, "
+                     f"max_k={max_k}")
+
+
+def rank_prompt(task: SyntheticTask, prompt: str, responses: Sequence[str],
+                rng: np.random.Generator, counts: Counts) -> dict | None:
+  """The labeler's ranking record of one prompt's responses, or None (counted) if it has no pair."""
+  counts.prompts += 1
+  counts.responses += len(responses)
+  kept = [r for r in responses if r.strip()]
+  counts.empty_responses_dropped += len(responses) - len(kept)
+  if len(kept) < 2:
+    counts.too_few_responses_skipped += 1
+    return None
+  ranks = task.rank(prompt, kept, rng)
+  if len(set(ranks)) == 1:
+    counts.all_tied_skipped += 1
+    return None
+  counts.records += 1
+  counts.pairs += len(rankings.pairs(ranks))
+  return {"prompt": prompt, "responses": kept, "ranks": ranks,
+          "gold_scores": [task.score(prompt, r) for r in kept]}
+
+
+def make_rankings(task: SyntheticTask, prompts: Sequence[str], ks: Sequence[int],
+                  respond: Responder, *, labeler_seed: int) -> tuple[list[dict], Counts]:
+  """Samples ks[i] responses to prompts[i] in ONE call to `respond`, then ranks each prompt's.
+
+  The labeler of prompt i draws from its own generator (labeler_seed, i), so a ranking does
+  not depend on how many prompts came before it or on batching.
+  """
+  flat = [p for p, k in zip(prompts, ks) for _ in range(int(k))]
+  texts = respond(flat)
+  if len(texts) != len(flat):
+    raise InputError("responder", f"returned {len(texts)} responses for {len(flat)} prompts")
+  records, counts, start = [], Counts(), 0
+  for i, (prompt, k) in enumerate(zip(prompts, ks)):
+    rng = np.random.default_rng([labeler_seed, i])
+    record = rank_prompt(task, prompt, texts[start:start + int(k)], rng, counts)
+    start += int(k)
+    if record is not None:
+      records.append(record)
+  return records, counts
+
+
+# ----------------------------------------------------------------------------- responders
+
+
+def policy_handle(config, layout: common.Layout, model_cfg) -> common.ModelHandle:
+  """Graph and parameter layout of the SFT policy (a LanguageModel of `config.model`)."""
+  graphdef, abstract = common.split_model(lambda rngs: LanguageModel(model_cfg, rngs=rngs))
+  specs = parallel.param_specs(abstract, layout.rules, layout.mesh)
+  return common.ModelHandle(graphdef, model_cfg, parallel.named(layout.mesh, specs))
+
+
+def load_policy(config, layout: common.Layout, model_cfg) -> tuple[common.ModelHandle, dict]:
+  """The SFT policy of `config.init_from`, restored straight onto this layout's shardings."""
+  handle = policy_handle(config, layout, model_cfg)
+  _, abstract = common.split_model(lambda rngs: LanguageModel(model_cfg, rngs=rngs))
+  target = common.abstract_with_shardings(nnx.to_pure_dict(abstract), handle.param_shardings)
+  return handle, loop.init_params_from(config.init_from, target)
+
+
+def policy_responder(config, layout: common.Layout, tokenizer: Tokenizer,
+                     handle: common.ModelHandle, params, *, seed: int) -> Responder:
+  """Samples of the policy at `config.sampling` (temperature, top-k/p) for a list of prompts."""
+  s = config.sampling
+  sampler = Sampler(handle.graphdef,
+                    SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                   top_k=s.top_k, top_p=s.top_p),
+                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=layout.mesh,
+                    param_shardings=handle.param_shardings, rules=layout.rules)
+
+  def respond(prompts: Sequence[str]) -> list[str]:
+    completions = generate.complete(sampler, params, tokenizer, prompts, jax.random.PRNGKey(seed),
+                                    prompt_len=s.prompt_len, batch_size=s.batch_size,
+                                    mesh=layout.mesh)
+    return [c.text for c in completions]
+  return respond
+
+
+def simulated_responder(task: SyntheticTask, *, seed: int) -> Responder:
+  """The task's graded stand-in responses, for a run without an SFT policy (from scratch)."""
+  def respond(prompts: Sequence[str]) -> list[str]:
+    rng = np.random.default_rng([seed, zlib.crc32(b"simulated responses")])
+    return [task.simulated_response(p, rng) for p in prompts]
+  return respond
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def settings(config) -> dict:
+  """What the collected comparisons depend on; stored with them and checked on reuse."""
+  d, s = config.data, config.sampling
+  return dict(init_from=config.init_from, seed=config.seed, task_seed=config.synthetic.seed,
+              labeler_agreement=config.synthetic.labeler_agreement,
+              num_train_prompts=d.num_train_prompts, num_eval_prompts=d.num_eval_prompts,
+              min_k=d.min_k, max_k=d.max_k, temperature=s.temperature, top_k=s.top_k,
+              top_p=s.top_p, max_new_tokens=s.max_new_tokens, prompt_len=s.prompt_len)
+
+
+def paths(workdir: str) -> dict[str, str]:
+  directory = os.path.join(workdir, COMPARISONS_DIR)
+  return {"train": os.path.join(directory, "train.jsonl"),
+          "validation": os.path.join(directory, "eval.jsonl"),
+          "summary": os.path.join(directory, SUMMARY_FILE)}
+
+
+def read_summary(workdir: str, config) -> dict | None:
+  """The summary of comparisons already collected in `workdir`, or None if there are none."""
+  where = paths(workdir)
+  if not all(os.path.isfile(p) for p in where.values()):
+    return None
+  with open(where["summary"]) as f:
+    summary = json.load(f)
+  want = json.loads(json.dumps(settings(config)))
+  if summary.get("settings") != want:
+    changed = sorted(k for k in want if summary.get("settings", {}).get(k) != want[k])
+    raise InputError(where["summary"], f"comparisons in this workdir were collected with other "
+                     f"settings (differ in {changed}); use a fresh --workdir or restore them")
+  return summary
+
+
+def collect(config, workdir: str, layout: common.Layout, tokenizer: Tokenizer,
+            task: SyntheticTask, model_cfg) -> dict:
+  """Collects train and held-out comparisons once; returns the summary (counts, seconds).
+
+  Every process takes part in sampling (the sampler is sharded); process 0 writes.
+  """
+  summary = read_summary(workdir, config)
+  if summary is not None:
+    print(f"[{config.stage}] reusing comparisons in {workdir}/{COMPARISONS_DIR}", flush=True)
+    return summary
+  d = config.data
+  check_k_range(d.min_k, d.max_k)
+  start = time.perf_counter()
+  if config.init_from:
+    handle, params = load_policy(config, layout, model_cfg)
+    respond = policy_responder(config, layout, tokenizer, handle, params, seed=config.seed)
+    policy = f"samples of the SFT policy {config.init_from}"
+  else:
+    respond = simulated_responder(task, seed=config.seed)
+    policy = "the synthetic task's simulated responses (no init_from)"
+  records, counts = {}, {}
+  for split, n, split_seed in (("train", d.num_train_prompts, 0),
+                               ("validation", d.num_eval_prompts, 1)):
+    prompts = task.prompts(n, TASK_SPLITS[split])
+    ks = draw_ks(n, d.min_k, d.max_k, seed=config.seed * 2 + split_seed)
+    records[split], counts[split] = make_rankings(
+        task, prompts, ks, respond, labeler_seed=zlib.crc32(f"{config.seed}/{split}".encode()))
+    if not records[split]:
+      raise InputError(f"comparisons ({split})", f"only {len(records[split])} of {n} prompts gave "
+                       f"a ranking with a pair ({counts[split]}); more prompts or a higher "
+                       "sampling temperature")
+  seconds = time.perf_counter() - start
+  summary = dict(settings=settings(config), policy=policy, seconds=seconds,
+                 **{split: dataclasses.asdict(c) for split, c in counts.items()})
+  where = paths(workdir)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(where["summary"]), exist_ok=True)
+    for split in ("train", "validation"):
+      rankings.write_rankings(where[split], records[split])
+    tmp = where["summary"] + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(summary, f, indent=2, sort_keys=True)
+    os.replace(tmp, where["summary"])  # written last: its presence marks a finished collection
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("instructjax comparisons written")
+  print(f"[{config.stage}] collected comparisons from {policy} in {seconds:.1f}s: "
+        + "; ".join(f"{split} {c.records} rankings, {c.pairs} pairs, {c.all_tied_skipped} "
+                    f"all-tied skipped, {c.empty_responses_dropped} empty responses dropped"
+                    for split, c in counts.items()), flush=True)
+  return summary
+
+
+def flat_counts(summary: dict) -> dict[str, float]:
+  """The summary's counts as metrics: comparisons_{split}_{count}."""
+  out = {}
+  for split, short in (("train", "train"), ("validation", "eval")):
+    for key, value in summary.get(split, {}).items():
+      out[f"comparisons_{short}_{key}"] = float(value)
+  if "seconds" in summary:
+    out["comparisons_seconds"] = float(summary["seconds"])
+  return out

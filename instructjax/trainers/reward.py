@@ -1,0 +1,475 @@
+"""The reward-model stage (InstructGPT step 2): comparisons in, a normalised scalar reward out.
+
+  data     synthetic: sample K responses per prompt from the SFT policy and rank them with the
+           task's simulated labeler (`comparisons.py`), written as ranking JSONL; or files:
+           the user's ranking JSONL. Both -> TFDS "rankings" build -> grain ranking pipeline
+           ("kway": one element per prompt with all its pairs, or the "pairwise" ablation).
+  model    a ScalarModel whose backbone is the SFT model's (`init_from`), sharded like the LM.
+  loop     the shared supervised loop with `objectives.reward.train_step`; held-out pair
+           accuracy (overall and per K), loss, reward mean/std; on the synthetic task also the
+           accuracy against the gold ordering and the labeler's ceiling.
+  output   checkpoints, and after the last step the normalisation (gain, bias) that gives the
+           SFT policy's samples on the PPO prompts reward mean 0 and std 1, stored both in
+           `<workdir>/reward_normalisation.json` and in the final checkpoint's extra.
+
+PPO reads the result with `load_reward_model(workdir, layout)`: the ScalarModel's graph, its
+parameters restored onto that layout's shardings, the model config, and gain and bias;
+the reward PPO uses is `gain * r + bias` (`objectives.reward.apply_normalisation`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorflow_datasets as tfds
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from instructjax import checkpoint, parallel
+from instructjax.data import pipeline, rankings
+from instructjax.data.records import iter_jsonl
+from instructjax.data.builders import rankings as rankings_builder
+from instructjax.data.synthetic import SyntheticTask
+from instructjax.errors import InputError
+from instructjax.models.decoder import ScalarModel
+from instructjax.objectives import reward
+from instructjax.trainers import common, comparisons, loop
+from instructjax.trainers.data_sources import synthetic_task
+from instructjax.trainers.lm import make_optimizer
+
+NORMALISATION_FILE = "reward_normalisation.json"
+NORMALISATION_KEY = "reward_normalisation"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _split_paths(value: str, where: str) -> list[str]:
+  paths = [p.strip() for p in value.split(",") if p.strip()]
+  for path in paths:
+    if not os.path.isfile(path):
+      raise InputError(where, f"file not found: {path}")
+  return paths
+
+
+def check_files(paths: Sequence[str], *, max_k: int, on_bad: str) -> rankings.Stats:
+  """Validates ranking files before building: errors name file:line, skips are counted.
+
+  A ranking of more than `max_k` responses is an error whatever `on_bad` says: it is a config
+  mismatch (raise data.max_k), not a bad record to leave out.
+  """
+  rankings.check_on_bad(on_bad)
+  stats = rankings.Stats()
+  for path in paths:
+    for where, value in iter_jsonl(path):
+      stats.read += 1
+      try:
+        rankings.validate_ranking(value, where, max_k=max_k)
+      except rankings.RankingProblem as e:
+        if on_bad == "error" or e.reason == "too_many_responses":
+          raise
+        stats.skipped[e.reason] += 1
+        continue
+      stats.written += 1
+  if stats.skipped:
+    print(f"[reward] skipping {sum(stats.skipped.values())} bad rankings: {stats}", flush=True)
+  return stats
+
+
+def _sources_from_files(config) -> tuple[dict[str, list[str]], rankings.Stats]:
+  d = config.data
+  paths = {"train": _split_paths(d.train_files, "config.data.train_files")}
+  if not paths["train"]:
+    raise InputError("config.data.train_files", "source=files needs at least one ranking file")
+  if d.eval_files:
+    paths["validation"] = _split_paths(d.eval_files, "config.data.eval_files")
+  stats = check_files([p for split in paths.values() for p in split], max_k=d.max_k,
+                      on_bad=d.on_bad)
+  return paths, stats
+
+
+def ranking_sources(config, workdir: str, paths: dict[str, list[str]], on_bad: str) -> dict:
+  """Random-access train/validation sources of the TFDS "rankings" build (process 0 builds)."""
+  tfds.disable_progress_bar()
+  tfds_dir = os.path.join(workdir, "data", "tfds")
+  if jax.process_index() == 0:
+    sources = rankings_builder.build(paths, tfds_dir, on_bad=on_bad)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("instructjax rankings built")
+  if jax.process_index() != 0:
+    sources = rankings_builder.build(paths, tfds_dir, on_bad=on_bad)
+  if "validation" not in sources:
+    raise InputError("config.data.eval_files", "no held-out split could be made from the "
+                     "training rankings (a single record); give --config.data.eval_files")
+  return sources
+
+
+def check_data_config(config) -> None:
+  d = config.data
+  if d.mode not in pipeline.RANKING_MODES:
+    raise InputError("config.data.mode", f"{d.mode!r} is not one of {pipeline.RANKING_MODES}")
+  if d.source not in ("synthetic", "files"):
+    raise InputError("config.data.source", f"{d.source!r} is not 'synthetic' or 'files'")
+  rankings.check_on_bad(d.on_bad)
+  comparisons.check_k_range(d.min_k, d.max_k)
+
+
+def mean_pairs(source) -> float:
+  """Average comparisons per training element (for the pairs/s throughput)."""
+  total = sum(len(rankings.pairs(pipeline.ranking_record(source[i])["ranks"]))
+              for i in range(len(source)))
+  return total / max(len(source), 1)
+
+
+def gold_gaps(source) -> np.ndarray:
+  """|gold(w) - gold(l)| of every labeler pair of records that carry gold scores."""
+  gaps = []
+  for i in range(len(source)):
+    record = pipeline.ranking_record(source[i])
+    gold = record.get("gold_scores")
+    if gold is not None:
+      gaps += [abs(gold[w] - gold[l]) for w, l in rankings.pairs(record["ranks"])]
+  return np.asarray(gaps, np.float64)
+
+
+@dataclasses.dataclass
+class RankingData:
+  """What the loop needs of the data: iterators, and host-side facts about the comparisons."""
+  train_ds: Any
+  eval_data_fn: Callable[[], Any]
+  train_source: Any
+  task: SyntheticTask | None      # the synthetic task when the data came from it
+  pairs_per_element: float        # comparisons per training element, for pairs/s
+  ceiling: dict[str, float]       # labeler ceiling(s) on the held-out pairs
+  host_counts: dict[str, float]   # collection and skip counts, logged with every step
+
+
+def datasets(config, workdir: str, layout: common.Layout, tokenizer, model_cfg,
+             local_batch: int) -> RankingData:
+  """Collects (synthetic) or checks (files) the rankings, builds them, and makes the pipelines."""
+  d = config.data
+  task, file_stats, collected = None, rankings.Stats(), {}
+  if d.source == "synthetic":
+    task = synthetic_task(config)
+    collected = comparisons.collect(config, workdir, layout, tokenizer, task, model_cfg)
+    where = comparisons.paths(workdir)
+    paths, on_bad = {"train": [where["train"]], "validation": [where["validation"]]}, "error"
+  else:
+    paths, file_stats = _sources_from_files(config)
+    on_bad = d.on_bad
+  sources = ranking_sources(config, workdir, paths, on_bad)
+  kwargs = dict(seq_len=d.seq_len, max_prompt_len=d.max_prompt_len, max_k=d.max_k,
+                batch_size=local_batch, process_index=jax.process_index(),
+                process_count=jax.process_count())
+  train_ds = pipeline.ranking_dataset(sources["train"], tokenizer, seed=config.seed, mode=d.mode,
+                                      **kwargs)
+  # Evaluation is K-way in both modes, so the ablation's two arms are measured alike.
+  eval_data_fn = lambda: iter(pipeline.ranking_eval_dataset(sources["validation"], tokenizer,
+                                                            **kwargs))
+  return RankingData(
+      train_ds=train_ds, eval_data_fn=eval_data_fn, train_source=sources["train"], task=task,
+      pairs_per_element=1.0 if d.mode == "pairwise" else mean_pairs(sources["train"]),
+      ceiling=labeler_ceiling(task, sources["validation"]),
+      host_counts=dict(comparisons.flat_counts(collected),
+                       skipped_records=float(sum(file_stats.skipped.values()))))
+
+
+# ----------------------------------------------------------------------------- state and steps
+
+
+def build_model_state(config, layout: common.Layout, model_cfg, optimizer):
+  """Graph definition, abstract sharded state and an initialiser of a fresh ScalarModel state."""
+  graphdef, abstract_nnx = common.split_model(lambda rngs: ScalarModel(model_cfg, rngs=rngs))
+  p_specs = parallel.param_specs(abstract_nnx, layout.rules, layout.mesh)
+  params_abstract = nnx.to_pure_dict(abstract_nnx)
+  specs = dict(params=p_specs,
+               opt_state=common.opt_state_specs(optimizer, params_abstract, p_specs),
+               step=parallel.PartitionSpec(), rng=parallel.PartitionSpec(),
+               bad_steps=parallel.PartitionSpec())
+  shardings = parallel.named(layout.mesh, specs)
+
+  def init():
+    model = ScalarModel(model_cfg, rngs=nnx.Rngs(config.seed))
+    return reward.init_state(nnx.to_pure_dict(nnx.split(model)[1]), optimizer, config.seed)
+
+  abstract = common.abstract_with_shardings(jax.eval_shape(init), shardings)
+  return graphdef, abstract, shardings, init
+
+
+def eval_sums(params, batch, *, graphdef):
+  """Summed held-out statistics against the labeler's ranks and against the gold ordering."""
+  rewards = reward.reward_forward(params, graphdef, batch["tokens"], batch["mask"])
+  _, aux = reward.ranking_loss(rewards, batch["ranks"], batch["valid"])
+  _, gold = reward.ranking_loss(rewards, batch["gold_ranks"], batch["gold_valid"])
+  return dict(aux, gold_correct=gold["correct"], gold_pairs=gold["pairs"])
+
+
+def jit_steps(graphdef, optimizer, schedule, shardings, layout, use_dropout: bool):
+  batch_sharding = parallel.batch_sharding(layout.mesh)
+  train = jax.jit(
+      functools.partial(reward.train_step, graphdef=graphdef, optimizer=optimizer,
+                        schedule=schedule, use_dropout=use_dropout),
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, parallel.replicated(layout.mesh)),
+      donate_argnums=0)
+  evaluate = jax.jit(functools.partial(eval_sums, graphdef=graphdef),
+                     in_shardings=(shardings["params"], batch_sharding),
+                     out_shardings=parallel.replicated(layout.mesh))
+  return train, evaluate
+
+
+def run_eval(evaluate, params, eval_data_fn: Callable, layout, max_batches: int,
+             ceiling: dict[str, float]) -> dict[str, float]:
+  """Held-out ranking metrics (`reward.eval_metrics`) plus gold accuracy and the ceiling."""
+  sums: dict[str, Any] = {}
+  for i, local in enumerate(eval_data_fn()):
+    if max_batches and i >= max_batches:
+      break
+    out = jax.device_get(evaluate(params, parallel.global_batch(local, layout.mesh)))
+    for key, value in out.items():
+      sums[key] = sums.get(key, 0.0) + np.asarray(value, np.float64)
+  metrics = reward.eval_metrics(sums)
+  if float(sums["gold_pairs"]) > 0:
+    metrics["eval_gold_accuracy"] = float(sums["gold_correct"] / sums["gold_pairs"])
+  metrics.update(ceiling)
+  return metrics
+
+
+def labeler_ceiling(task: SyntheticTask | None, eval_source) -> dict[str, float]:
+  """The best held-out accuracy any reward model can expect against the simulated labeler.
+
+  `labeler_ceiling` is exact for the held-out pairs' gold-score gaps; `labeler_ceiling_reference`
+  is the task's figure on its calibration pairs. Empty for data without gold scores.
+  """
+  if task is None:
+    return {}
+  gaps = gold_gaps(eval_source)
+  if not (gaps > 0).any():
+    return {}
+  return dict(labeler_ceiling=task.labeler_agreement_ceiling(gaps),
+              labeler_ceiling_reference=task.labeler_agreement_ceiling())
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def response_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str], *, seq_len: int,
+                  max_prompt_len: int) -> dict[str, np.ndarray]:
+  """tokens/mask [N, 1, T] of prompt + response + eos, cut as in training (`tokenize_ranking`)."""
+  tokens = np.full([len(prompts), 1, seq_len], tokenizer.pad_id, np.int32)
+  mask = np.zeros([len(prompts), 1, seq_len], np.int32)
+  for i, (prompt, response) in enumerate(zip(prompts, responses)):
+    prompt_ids = tokenizer.encode(prompt)[-max_prompt_len:] if max_prompt_len else []
+    row = (prompt_ids + tokenizer.encode(response) + [tokenizer.eos_id])[:seq_len]
+    tokens[i, 0, :len(row)] = row
+    mask[i, 0, :len(row)] = 1
+  return {"tokens": tokens, "mask": mask}
+
+
+def score_texts(params, graphdef, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
+                seq_len: int, max_prompt_len: int, batch_size: int, layout) -> np.ndarray:
+  """The reward model's raw reward of each (prompt, response), in fixed-shape batches.
+
+  Every process passes all the texts; each feeds its share of every batch to the global one.
+  """
+  score = jax.jit(lambda p, t, m: reward.reward_forward(p, graphdef, t, m))
+  n_proc, index = jax.process_count(), jax.process_index()
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = slice(start, start + batch_size)
+    rows = response_rows(tokenizer, prompts[chunk], responses[chunk], seq_len=seq_len,
+                         max_prompt_len=max_prompt_len)
+    n = len(rows["tokens"])
+    # A full batch every time: one compile, and it divides over the batch shards.
+    rows = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, axis=0)])
+            for k, v in rows.items()}
+    per = batch_size // n_proc
+    local = {k: v[index * per:(index + 1) * per] for k, v in rows.items()}
+    with layout.scope():
+      batch = parallel.global_batch(local, layout.mesh)
+      rewards = score(params, batch["tokens"], batch["mask"])
+    host = (jax.device_get(rewards) if n_proc == 1
+            else multihost_utils.process_allgather(rewards, tiled=True))
+    out.append(np.asarray(host)[:n, 0])
+  return np.concatenate(out) if out else np.zeros([0])
+
+
+def reference_samples(config, layout, tokenizer, model_cfg, task, train_source):
+  """(prompts, responses, description) of the reference set the normalisation is fitted on.
+
+  By default: one sample of the SFT policy per PPO prompt (the synthetic task's "ppo" split, or
+  the training rankings' prompts for files). Without a policy (no init_from): the responses
+  of the training rankings.
+  """
+  n = config.normalisation_prompts
+  if config.init_from:
+    if task is not None:
+      prompts = task.prompts(n, "ppo")
+      where = f"{n} prompts of the synthetic 'ppo' split"
+    else:
+      seen = dict.fromkeys(pipeline.ranking_record(train_source[i])["prompt"]
+                           for i in range(len(train_source)))
+      prompts = list(seen)[:n]
+      where = f"{len(prompts)} prompts of the training rankings"
+    handle, params = comparisons.load_policy(config, layout, model_cfg)
+    respond = comparisons.policy_responder(config, layout, tokenizer, handle, params,
+                                           seed=config.seed + 1)
+    return prompts, respond(prompts), f"SFT policy samples for {where}"
+  prompts, responses = [], []
+  for i in range(len(train_source)):
+    record = pipeline.ranking_record(train_source[i])
+    for response in record["responses"]:
+      if len(prompts) < n:
+        prompts.append(record["prompt"])
+        responses.append(response)
+  return prompts, responses, f"{len(prompts)} responses of the training rankings (no init_from)"
+
+
+def fit_normalisation(config, layout, tokenizer, model_cfg, task, train_source, params,
+                      graphdef) -> dict[str, Any]:
+  """gain and bias that give the reference set reward mean 0 and std 1, and what it was."""
+  prompts, responses, description = reference_samples(config, layout, tokenizer, model_cfg, task,
+                                                      train_source)
+  rewards = score_texts(params, graphdef, tokenizer, prompts, responses,
+                        seq_len=config.data.seq_len, max_prompt_len=config.data.max_prompt_len,
+                        batch_size=config.sampling.batch_size, layout=layout)
+  gain, bias = reward.normalisation(rewards)
+  result = dict(gain=gain, bias=bias, reference=description, reference_size=len(rewards),
+                raw_mean=float(rewards.mean()), raw_std=float(rewards.std()))
+  return result
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the reward-model stage in `workdir`; returns the final metrics."""
+  check_data_config(config)
+  layout = common.Layout.from_config(config)
+  tokenizer = common.tokenizer_from_config(config)
+  model_cfg = common.model_config(config, tokenizer)
+  common.check_seq_len(model_cfg, config.data.seq_len)
+  local_batch = parallel.check_global_batch(config.batch_size, layout.mesh)
+  schedule, optimizer = make_optimizer(config)
+  if not config.init_from:
+    print("[reward] WARNING: no config.init_from: the reward model starts from scratch, not from "
+          "an SFT model (and synthetic comparisons use the task's simulated responses)",
+          flush=True)
+  data = datasets(config, workdir, layout, tokenizer, model_cfg, local_batch)
+  task = data.task
+
+  with layout.scope():
+    graphdef, abstract, shardings, init = build_model_state(config, layout, model_cfg, optimizer)
+    train_step, eval_step = jit_steps(graphdef, optimizer, schedule, shardings, layout,
+                                      use_dropout=model_cfg.dropout > 0)
+    ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", save_every=config.save_every,
+                                   keep=config.keep_checkpoints,
+                                   async_save=config.async_checkpoints)
+    data_iter = iter(data.train_ds)
+
+    def create():
+      state = common.create_sharded(init, shardings)
+      if config.init_from:
+        _, sft_params = comparisons.load_policy(config, layout, model_cfg)
+        params = reward.init_from_sft(sft_params, state["params"])
+        state = dict(state, params=jax.device_put(params, shardings["params"]))
+        print(f"[{config.stage}] backbone initialised from {config.init_from}", flush=True)
+      return state
+
+    state, extra = loop.restore_or_init(config.stage, ckpt, abstract, create, data_iter)
+    common.save_json(f"{workdir}/config.json", config.to_dict())
+    normalisation: dict[str, Any] = dict(extra.get(NORMALISATION_KEY, {}))
+
+    def final_eval(state) -> dict[str, float]:
+      if not config.normalise:
+        return {}
+      result = fit_normalisation(config, layout, tokenizer, model_cfg, task, data.train_source,
+                                 state["params"], graphdef)
+      normalisation.update(result)
+      common.save_json(os.path.join(workdir, NORMALISATION_FILE), result)
+      print(f"[{config.stage}] reward normalisation gain={result['gain']:.4g} "
+            f"bias={result['bias']:.4g} on {result['reference']}", flush=True)
+      return dict(normalisation_gain=result["gain"], normalisation_bias=result["bias"],
+                  reference_reward_mean=result["raw_mean"],
+                  reference_reward_std=result["raw_std"])
+
+    return loop.train_loop(
+        config, workdir, layout, state=state, data_iter=data_iter, step_fn=train_step, ckpt=ckpt,
+        evaluate=lambda state: run_eval(eval_step, state["params"], data.eval_data_fn, layout,
+                                        config.eval_batches, data.ceiling),
+        final_eval=final_eval,
+        items_per_step=("pairs_per_second", config.batch_size * data.pairs_per_element),
+        host_metrics=lambda: data.host_counts,
+        save_extra=lambda: {NORMALISATION_KEY: dict(normalisation)} if normalisation else {})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The entry for `experiments.run` (config.stage == "reward")."""
+  return train(config, workdir)
+
+
+# ----------------------------------------------------------------------------- for PPO
+
+
+def _stage_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise InputError(workdir, "has no config.json; is it a reward-model workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def _checkpoint_extra(directory: str, step: int) -> dict[str, Any]:
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers={"extra": ocp.JsonCheckpointHandler()})
+  try:
+    return manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+  finally:
+    manager.close()
+
+
+def read_normalisation(workdir: str) -> tuple[float, float]:
+  """(gain, bias) of a finished reward-model run: the final checkpoint's, else the JSON file's."""
+  directory = common.checkpoint_dir(workdir)
+  steps = checkpoint.Checkpointer(directory, save_every=1, keep=1)
+  latest = steps.latest_step()
+  steps.close()
+  stored = _checkpoint_extra(directory, latest).get(NORMALISATION_KEY) if latest else None
+  if not stored:
+    path = os.path.join(workdir, NORMALISATION_FILE)
+    if not os.path.isfile(path):
+      raise InputError(workdir, f"no reward normalisation in its last checkpoint or in "
+                       f"{NORMALISATION_FILE}; was the run finished with config.normalise=True?")
+    with open(path) as f:
+      stored = json.load(f)
+  return float(stored["gain"]), float(stored["bias"])
+
+
+def load_reward_model(workdir: str, layout: common.Layout):
+  """A trained reward model for PPO: (graphdef, params, model_cfg, gain, bias).
+
+  Params come from the latest checkpoint in `<workdir>/checkpoints`, restored straight onto
+  `layout`'s shardings (the mesh may differ from training's). The model config is rebuilt from
+  the run's saved config.json. PPO's reward is `gain * r + bias`: mean 0, std 1 on the SFT
+  policy's samples of the PPO prompts.
+  """
+  workdir = workdir.rstrip("/")
+  if os.path.basename(workdir) == "checkpoints":
+    workdir = os.path.dirname(workdir)
+  config = _stage_config(workdir)
+  model_cfg = common.model_config(config, common.tokenizer_from_config(config))
+  graphdef, abstract_nnx = common.split_model(lambda rngs: ScalarModel(model_cfg, rngs=rngs))
+  specs = parallel.param_specs(abstract_nnx, layout.rules, layout.mesh)
+  target = common.abstract_with_shardings(nnx.to_pure_dict(abstract_nnx),
+                                          parallel.named(layout.mesh, specs))
+  params = loop.init_params_from(workdir, target)
+  gain, bias = read_normalisation(workdir)
+  return graphdef, params, model_cfg, gain, bias
