@@ -1,0 +1,96 @@
+"""The sampling entry for people: completions of prompts from any stage's checkpoint.
+
+The checkpoint's workdir holds the config it was trained with (config.json); its model, tokenizer
+and synthetic-task sections decide how to rebuild the model and score the answers.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+from flax import nnx
+
+from instructjax import parallel
+from instructjax.data import records
+from instructjax.errors import InputError
+from instructjax.models.decoder import LanguageModel
+from instructjax.sampling import Sampler, SamplingConfig
+from instructjax.trainers import common, generate, loop
+from instructjax.trainers.data_sources import synthetic_task
+
+
+def trained_config(checkpoint: str) -> ml_collections.ConfigDict:
+  """The config a stage workdir was trained with (written by every trainer as config.json)."""
+  workdir = checkpoint.rstrip("/")
+  if os.path.basename(workdir) == "checkpoints":
+    workdir = os.path.dirname(workdir)
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise InputError(path, "not found: --config.checkpoint must be a stage's workdir")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def policy_params(checkpoint: str, trained, layout: common.Layout):
+  """(ModelHandle, params) of the language model in a pretrain, SFT or PPO checkpoint."""
+  tokenizer = common.tokenizer_from_config(trained)
+  model_cfg = common.model_config(trained, tokenizer)
+  graphdef, abstract = common.split_model(lambda rngs: LanguageModel(model_cfg, rngs=rngs))
+  shardings = parallel.named(layout.mesh, parallel.param_specs(abstract, layout.rules, layout.mesh))
+  abstract_params = common.abstract_with_shardings(nnx.to_pure_dict(abstract), shardings)
+  path = ("params", "policy") if trained.stage == "ppo" else ("params",)
+  params = loop.init_params_from(checkpoint, abstract_params, path=path)
+  return common.ModelHandle(graphdef, model_cfg, shardings), params, tokenizer
+
+
+def read_prompts(path: str) -> list[str]:
+  """Prompts from JSON Lines ({"prompt": ...}) or a text file with one prompt per line."""
+  if records.is_jsonl(path):
+    prompts = []
+    for where, value in records.iter_jsonl(path):
+      if not isinstance(value, dict) or not isinstance(value.get("prompt"), str):
+        raise InputError(where, 'expected an object with a string "prompt"')
+      prompts.append(value["prompt"])
+    return prompts
+  with open(path, encoding="utf-8") as f:
+    return [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  if not config.checkpoint:
+    raise InputError("config.checkpoint", "give a stage workdir to sample from")
+  trained = trained_config(config.checkpoint)
+  layout = common.Layout.from_config(config)
+  task = synthetic_task(trained) if trained.get("synthetic") else None
+  if config.prompts_file:
+    prompts = read_prompts(config.prompts_file)[:config.num_prompts]
+  elif task is not None:
+    prompts = task.prompts(config.num_prompts, config.split, style=config.style or None)
+  else:
+    raise InputError("config.prompts_file", "the checkpoint was not trained on the synthetic "
+                     "task; give prompts")
+  with layout.scope():
+    model, params, tokenizer = policy_params(config.checkpoint, trained, layout)
+    s = config.sampling
+    sampler = Sampler(model.graphdef,
+                      SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                     top_k=s.top_k, top_p=s.top_p, greedy=config.greedy),
+                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=layout.mesh,
+                      param_shardings=model.param_shardings, rules=layout.rules)
+    completions = generate.complete(sampler, params, tokenizer, prompts,
+                                    jax.random.PRNGKey(config.seed), prompt_len=s.prompt_len,
+                                    batch_size=s.batch_size, mesh=layout.mesh)
+  rows = []
+  for c in completions:
+    row = dict(prompt=c.prompt, completion=c.text, ended=c.ended, log_prob=c.log_prob)
+    if task is not None:
+      row["gold_score"] = task.score(c.prompt, c.text)
+    rows.append(row)
+    if jax.process_index() == 0:
+      gold = f"  [gold {row['gold_score']:.2f}]" if "gold_score" in row else ""
+      print(f"--- prompt ---\n{c.prompt}\n--- completion{gold} ---\n{c.text}\n", flush=True)
+  if jax.process_index() == 0:
+    records.write_jsonl(os.path.join(workdir, "samples.jsonl"), rows)
+  return {"num_samples": len(rows)}
