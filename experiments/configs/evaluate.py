@@ -1,0 +1,53 @@
+"""Evaluation (InstructGPT section 4, in miniature): GPT, GPT-prompted, SFT, PPO and PPO-ptx on
+held-out prompts of the synthetic task, against SFT, with a report.
+
+Run after the stages you want to compare (any subset; SFT is the baseline of the win rates and
+the KL, so give it whenever you can):
+
+  python -m experiments.run --config experiments/configs/evaluate.py --workdir /tmp/eval \
+      --config.models.sft=/tmp/sft --config.models.gpt=/tmp/pretrain \
+      --config.models.ppo=/tmp/ppo --config.models.ppo_ptx=/tmp/ppo_ptx \
+      --config.reward_from=/tmp/rm
+
+It writes /tmp/eval/report.md (tables and plots), report.json (every number) and the PNGs.
+Responses are greedy by default (low variance with a few hundred prompts);
+`--config.greedy=False` samples with the `sampling` section instead. GPT-prompted (the GPT
+checkpoint with `few_shot.n_shots` solved examples before each prompt) needs a longer prompt:
+`few_shot.prompt_len` + `sampling.max_new_tokens` must fit the model's max_len; the report counts
+the few-shot prompts that had to be cut. Variants: `tiny` (default) and `small` (match the
+variant the models were trained with; shapes are read from each workdir's config.json).
+"""
+from ml_collections import config_dict
+
+from experiments.configs import base
+
+
+def get_config(arg: str = "tiny"):
+  size = arg or "tiny"
+  c = base.base_config("evaluate")
+  # Only for a workdir without config.json; otherwise each model's own section is used.
+  c.model = base.model_config(size)
+  c.models = config_dict.ConfigDict(dict(gpt="", sft="", ppo="", ppo_ptx=""))
+  c.reward_from = ""          # a reward-model workdir: RM scores and its held-out accuracy
+  c.synthetic = base.synthetic_config()
+  c.split = "eval"            # held-out prompts, disjoint from SFT/RM/PPO training prompts
+  c.num_prompts = 256
+  c.greedy = True             # False: sample with sampling.temperature/top_k/top_p
+  c.sampling = base.sampling_config(prompt_len=64)
+  c.sampling.batch_size = 64
+  c.few_shot = config_dict.ConfigDict(dict(n_shots=1, prompt_len=104))
+  c.kl_from_sft = True        # KL on one temperature-1 sample per prompt from each model
+  c.ptx_eval = config_dict.ConfigDict(dict(
+      source="synthetic",     # synthetic | files | none
+      files="",               # comma-separated text/JSONL files for source=files
+      num_documents=256,      # the pretraining stage's held-out documents (its data.num_eval)
+      seq_len=128, batch_size=16, max_batches=0))  # 0 = all of them
+  c.confidence = 0.95
+  c.report_examples = 5       # prompts whose responses report.md shows
+  if size != "tiny":
+    c.num_prompts = 512
+    c.sampling.prompt_len = 128
+    c.few_shot = config_dict.ConfigDict(dict(n_shots=2, prompt_len=224))
+    c.ptx_eval.seq_len = 256
+  c.lock()
+  return c

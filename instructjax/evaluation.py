@@ -1,0 +1,217 @@
+"""The statistics of InstructGPT's evaluation, as pure functions on arrays and metric records.
+
+The paper compares GPT (zero-shot), GPT-prompted (few-shot), SFT, PPO and PPO-ptx by how often
+labelers prefer each model's output to SFT's (Figure 1), by the reward model's score, by how far
+each policy moved from SFT (KL), and by the "alignment tax": the loss on pretraining text. The
+stand-alone evaluation (`instructjax/trainers/evaluate.py`) samples the models and calls these
+functions; `instructjax/report.py` renders what they return.
+
+Conventions:
+  * Confidence intervals are two-sided at `confidence` (0.95 by default).
+  * A mean's interval is the normal approximation mean +- z * s / sqrt(n), s the sample standard
+    deviation (ddof = 1); with one value it has no width to estimate and is NaN.
+  * A win rate compares two models' responses to the same prompts by gold score: a higher score
+    is a win (1), an equal one a tie (1/2), a lower one a loss (0), and the win rate is the mean
+    outcome, (wins + ties / 2) / n. Its interval is the Wilson score interval of that proportion
+    over the n prompts. Counting a tie as half a success keeps the estimate unbiased; because a
+    tie has less variance than a coin flip, the interval is slightly conservative when there are
+    ties, and unlike the normal approximation it stays inside [0, 1] and keeps a width when every
+    prompt is a win (or a loss).
+"""
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from instructjax.errors import InputError
+
+# The five models of the paper's Figure 1, in its order; keys of results and of the config.
+MODELS = ("gpt", "gpt_prompted", "sft", "ppo", "ppo_ptx")
+LABELS = {"gpt": "GPT", "gpt_prompted": "GPT-prompted", "sft": "SFT", "ppo": "PPO",
+          "ppo_ptx": "PPO-ptx"}
+BASELINE = "sft"
+
+# What the PPO trainer logs, by what a plot needs; the first name a record has is used, so
+# curves survive a renamed metric (or a trainer that logs only some of them).
+CURVE_KEYS = {
+    "gold_score": ("gold_score", "rollout_gold_score"),
+    "rm_score": ("rm_score", "score"),
+    "kl": ("kl", "kl_sequence"),
+    "eval_gold_score": ("eval_gold_score",),
+    "eval_ptx_loss": ("eval_ptx_loss",),
+}
+
+
+def z_value(confidence: float) -> float:
+  """The standard normal quantile of a two-sided interval (1.96 at 0.95)."""
+  if not 0.0 < confidence < 1.0:
+    raise InputError("confidence", f"must be in (0, 1), got {confidence!r}")
+  return NormalDist().inv_cdf(0.5 + confidence / 2.0)
+
+
+def _values(values: Iterable[float], where: str) -> np.ndarray:
+  array = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, np.float64)
+  array = array.reshape(-1)
+  if array.size == 0:
+    raise InputError(where, "needs at least one value")
+  if not np.isfinite(array).all():
+    bad = int((~np.isfinite(array)).sum())
+    raise InputError(where, f"{bad} of {array.size} values are not finite")
+  return array
+
+
+def mean_ci(values: Iterable[float], confidence: float = 0.95,
+            where: str = "values") -> dict[str, float]:
+  """Mean with a normal-approximation interval: {mean, low, high, stderr, n}."""
+  x = _values(values, where)
+  mean = float(x.mean())
+  stderr = float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else math.nan
+  half = z_value(confidence) * stderr
+  return dict(mean=mean, low=mean - half, high=mean + half, stderr=stderr, n=int(x.size))
+
+
+def win_outcomes(scores: Sequence[float], baseline_scores: Sequence[float]) -> np.ndarray:
+  """Per-prompt outcome of a model against the baseline: 1 win, 0.5 tie, 0 loss."""
+  a = _values(scores, "scores")
+  b = _values(baseline_scores, "baseline scores")
+  if a.shape != b.shape:
+    raise InputError("win rate", f"{a.size} scores against {b.size} baseline scores; both models "
+                     "must answer the same prompts")
+  return np.where(a > b, 1.0, np.where(a == b, 0.5, 0.0))
+
+
+def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+  """Wilson score interval of a proportion successes / n (successes may be fractional)."""
+  if n < 1 or not 0.0 <= successes <= n:
+    raise InputError("wilson interval", f"needs 0 <= successes <= n and n >= 1, got "
+                     f"{successes} of {n}")
+  z = z_value(confidence)
+  p = successes / n
+  denominator = 1.0 + z * z / n
+  centre = (p + z * z / (2.0 * n)) / denominator
+  half = z / denominator * math.sqrt(p * (1.0 - p) / n + z * z / (4.0 * n * n))
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(scores: Sequence[float], baseline_scores: Sequence[float],
+             confidence: float = 0.95) -> dict[str, float]:
+  """How often `scores` beat `baseline_scores` prompt by prompt, ties counting half.
+
+  Returns {win_rate, low, high (Wilson interval), wins, ties, losses, n}.
+  """
+  outcomes = win_outcomes(scores, baseline_scores)
+  wins, ties = int((outcomes == 1.0).sum()), int((outcomes == 0.5).sum())
+  n = int(outcomes.size)
+  low, high = wilson_interval(wins + 0.5 * ties, n, confidence)
+  return dict(win_rate=float(outcomes.mean()), low=low, high=high, wins=wins, ties=ties,
+              losses=n - wins - ties, n=n)
+
+
+def sequence_log_ratio(logp: np.ndarray, ref_logp: np.ndarray,
+                       response_mask: np.ndarray) -> np.ndarray:
+  """Sum over each response's tokens of log pi - log pi_ref, [B].
+
+  On responses sampled from pi its mean estimates KL(pi || pi_ref) per sequence (the k1
+  estimator PPO penalises); a single sample may be negative.
+  """
+  logp, ref_logp = np.asarray(logp, np.float64), np.asarray(ref_logp, np.float64)
+  real = np.asarray(response_mask) > 0
+  if logp.shape != ref_logp.shape or logp.shape != real.shape:
+    raise InputError("log ratio", f"logp {logp.shape}, ref_logp {ref_logp.shape} and mask "
+                     f"{real.shape} must have the same [batch, tokens] shape")
+  return np.where(real, logp - ref_logp, 0.0).sum(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Summaries of the per-prompt results.
+
+
+def summarise_model(outputs: Mapping[str, Any], baseline: Mapping[str, Any] | None,
+                    confidence: float = 0.95) -> dict[str, Any]:
+  """One model's row of the report from its per-prompt arrays.
+
+  outputs: "gold" [n] gold scores; optionally "rm" [n] normalised RM scores, "kl" [n] sequence
+  log-ratios against SFT, "pretraining_loss" (a float), "ended" [n] and "lengths" [n]. baseline:
+  the SFT model's outputs (its "gold" is what wins are counted against), or None without SFT.
+  """
+  row: dict[str, Any] = dict(gold_score=mean_ci(outputs["gold"], confidence, "gold scores"))
+  if baseline is not None:
+    row["win_rate_vs_sft"] = win_rate(outputs["gold"], baseline["gold"], confidence)
+  if outputs.get("rm") is not None:
+    row["rm_score"] = mean_ci(outputs["rm"], confidence, "reward-model scores")
+  if outputs.get("kl") is not None:
+    row["kl_from_sft"] = mean_ci(outputs["kl"], confidence, "KL from SFT")
+  if outputs.get("pretraining_loss") is not None:
+    row["pretraining_loss"] = float(outputs["pretraining_loss"])
+  for key, name in (("ended", "ended_fraction"), ("lengths", "response_length")):
+    if outputs.get(key) is not None:
+      row[name] = float(np.mean(outputs[key]))
+  for key in ("prompts_truncated", "workdir", "checkpoint_step"):
+    if outputs.get(key) is not None:
+      row[key] = outputs[key]
+  return row
+
+
+def summarise(per_model: Mapping[str, Mapping[str, Any]],
+              confidence: float = 0.95) -> dict[str, dict[str, Any]]:
+  """Rows of every evaluated model, in the paper's order; win rates need an "sft" entry."""
+  unknown = sorted(set(per_model) - set(MODELS))
+  if unknown:
+    raise InputError("models", f"unknown {unknown}; expected some of {list(MODELS)}")
+  baseline = per_model.get(BASELINE)
+  return {name: dict(label=LABELS[name], **summarise_model(per_model[name], baseline, confidence))
+          for name in MODELS if name in per_model}
+
+
+# ------------------------------------------------------------------------------------------------
+# Metric records (read with `instructjax.metrics.read_metrics`).
+
+
+def _first_present(record: Mapping[str, Any], names: Sequence[str]) -> float | None:
+  for name in names:
+    value = record.get(name)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+  return None
+
+
+def training_curves(records: Sequence[Mapping[str, Any]],
+                    keys: Mapping[str, Sequence[str]] = CURVE_KEYS) -> dict[str, list[list[float]]]:
+  """[[step, value], ...] per curve, from metric records; a key no record has is left out.
+
+  A resumed run logs the steps after its last checkpoint twice; the later value wins.
+  """
+  curves = {}
+  for curve, names in keys.items():
+    by_step = {}
+    for record in records:
+      value = _first_present(record, names)
+      if value is not None:
+        by_step[int(record["step"])] = value
+    if by_step:
+      curves[curve] = [[step, by_step[step]] for step in sorted(by_step)]
+  return curves
+
+
+def paired(curves: Mapping[str, Sequence[Sequence[float]]], x: str, y: str) -> list[list[float]]:
+  """[[x, y], ...] at the steps both curves have (e.g. RM score against KL)."""
+  if x not in curves or y not in curves:
+    return []
+  ys = {step: value for step, value in curves[y]}
+  return [[value, ys[step]] for step, value in curves[x] if step in ys]
+
+
+def reward_model_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+  """The reward model's last held-out evaluation: accuracy against the labeler and the gold
+  ordering, next to the labeler ceiling it was measured against; None if it has none."""
+  names = ("eval_accuracy", "eval_gold_accuracy", "labeler_ceiling", "labeler_ceiling_reference",
+           "eval_loss", "eval_pairs")
+  for record in reversed(records):
+    if "eval_accuracy" in record:
+      summary = {name: float(record[name]) for name in names if name in record}
+      summary["step"] = int(record["step"])
+      return summary
+  return None

@@ -1,0 +1,441 @@
+"""The stand-alone evaluation stage: InstructGPT's comparison of GPT, GPT-prompted, SFT, PPO and
+PPO-ptx, in miniature, on held-out prompts of the synthetic task.
+
+For every model whose workdir the config names (`config.models.{gpt,sft,ppo,ppo_ptx}`; any
+subset) it samples one response per held-out "eval" prompt and measures
+
+  gold score        the task's gold scorer on the response (mean, 95 % CI);
+  win rate vs SFT   prompt by prompt, a higher gold score than SFT's wins, a tie counts half
+                    (Wilson interval; see `instructjax.evaluation`);
+  RM score          the reward model of `config.reward_from`, normalised as PPO saw it;
+  KL from SFT       mean over prompts of sum over response tokens of log pi - log pi_SFT, on one
+                    temperature-1 sample per prompt from the model itself (a KL needs samples of
+                    pi, whatever the decoding of the other metrics);
+  pretraining loss  next-token loss on held-out pretraining text (the alignment tax).
+
+"GPT-prompted" is the GPT checkpoint again, its prompts given `few_shot.n_shots` solved examples
+first (`SyntheticTask.few_shot_prompt`), with its own, longer `few_shot.prompt_len`; its gold and
+RM scores are of the response to the original prompt, and its KL compares pi_GPT(y | few-shot
+prompt) with pi_SFT(y | prompt). Responses are greedy by default (`config.greedy`): with a few
+hundred prompts, sampling noise would otherwise dominate the differences between models.
+
+This module is the thin model layer (load, sample, score); the statistics are in
+`instructjax/evaluation.py` and the report in `instructjax/report.py`. Model shapes come from
+each workdir's `config.json` (the config's `model` section only for a workdir without one);
+SFT and GPT checkpoints hold the policy at params/, PPO checkpoints at params/policy/.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from instructjax import checkpoint, evaluation, parallel, report
+from instructjax.data import pipeline, records
+from instructjax.data.tokenizers import Tokenizer
+from instructjax.errors import InputError
+from instructjax.metrics import read_metrics
+from instructjax.models.decoder import LanguageModel
+from instructjax.objectives import ppo, sft
+from instructjax.sampling import Sampler, SamplingConfig
+from instructjax.trainers import common, generate, lm, loop, reward
+from instructjax.trainers.data_sources import synthetic_task
+
+# Where each model's LanguageModel parameters sit in its stage's checkpoint.
+CHECKPOINT_PATHS = {"gpt": ("params",), "sft": ("params",), "ppo": ("params", "policy"),
+                    "ppo_ptx": ("params", "policy")}
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+  """A language model restored onto the evaluation's layout."""
+  name: str
+  workdir: str
+  handle: common.ModelHandle
+  params: Any
+  step: int | None
+
+
+# ------------------------------------------------------------------------------------------------
+# Config and loading.
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  given = [name for name in CHECKPOINT_PATHS if config.models[name]]
+  if not given:
+    raise InputError("config.models", "names no model; give at least one workdir, e.g. "
+                     "--config.models.sft=/tmp/sft")
+  for name in given:
+    if not os.path.isdir(config.models[name]):
+      raise InputError(f"config.models.{name}", f"{config.models[name]} is not a directory")
+  if config.reward_from and not os.path.isdir(config.reward_from):
+    raise InputError("config.reward_from", f"{config.reward_from} is not a directory")
+  if config.num_prompts < 1:
+    raise InputError("config.num_prompts", f"must be >= 1, got {config.num_prompts}")
+  if config.few_shot.n_shots < 0:
+    raise InputError("config.few_shot.n_shots", f"must be >= 0, got {config.few_shot.n_shots}")
+  if config.ptx_eval.source not in ("synthetic", "files", "none"):
+    raise InputError("config.ptx_eval.source",
+                     f"{config.ptx_eval.source!r} is not 'synthetic', 'files' or 'none'")
+  evaluation.z_value(config.confidence)  # raises for a confidence outside (0, 1)
+
+
+def stage_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config a stage saved in its workdir, or None if it saved none."""
+  path = os.path.join(workdir.rstrip("/"), "config.json")
+  if os.path.basename(workdir.rstrip("/")) == "checkpoints":
+    path = os.path.join(os.path.dirname(workdir.rstrip("/")), "config.json")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def model_config_of(name: str, workdir: str, config, tokenizer: Tokenizer):
+  """The ModelConfig a workdir was trained with; its tokenizer must be the evaluation's."""
+  stored = stage_config(workdir)
+  if stored is None:
+    print(f"[evaluate] {workdir} has no config.json: using config.model for {name}", flush=True)
+    return common.model_config(config, tokenizer)
+  mine = config.tokenizer.to_dict()
+  theirs = stored.get("tokenizer", ml_collections.ConfigDict(mine)).to_dict()
+  if theirs != mine:
+    raise InputError(f"config.models.{name}", f"{workdir} was trained with tokenizer {theirs}, "
+                     f"the evaluation uses {mine}; set --config.tokenizer to match")
+  return common.model_config(stored, tokenizer)
+
+
+def latest_step(workdir: str) -> int | None:
+  steps = checkpoint.Checkpointer(common.checkpoint_dir(workdir), save_every=1, keep=1)
+  try:
+    return steps.latest_step()
+  finally:
+    steps.close()
+
+
+def load_policy(name: str, workdir: str, config, layout: common.Layout,
+                tokenizer: Tokenizer) -> Policy:
+  """The LanguageModel of a stage's latest checkpoint, sharded on `layout`."""
+  model_cfg = model_config_of(name, workdir, config, tokenizer)
+  graphdef, abstract = common.split_model(lambda rngs: LanguageModel(model_cfg, rngs=rngs))
+  shardings = parallel.named(layout.mesh, parallel.param_specs(abstract, layout.rules,
+                                                               layout.mesh))
+  target = common.abstract_with_shardings(nnx.to_pure_dict(abstract), shardings)
+  params = loop.init_params_from(workdir, target, path=CHECKPOINT_PATHS[name])
+  return Policy(name, workdir, common.ModelHandle(graphdef, model_cfg, shardings), params,
+                latest_step(workdir))
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling and scoring.
+
+
+class Compiled:
+  """Jitted functions per model shape (ModelConfig), so that models of one shape — GPT, SFT
+  and the PPO policies usually — compile each function once, not once per model."""
+
+  def __init__(self, layout: common.Layout, tokenizer: Tokenizer):
+    self.layout = layout
+    self.tokenizer = tokenizer
+    self._cache: dict[tuple, Any] = {}
+
+  def _get(self, key: tuple, make):
+    if key not in self._cache:
+      self._cache[key] = make()
+    return self._cache[key]
+
+  def sampler(self, handle: common.ModelHandle, sampling: SamplingConfig) -> Sampler:
+    return self._get(("sample", handle.cfg, sampling), lambda: Sampler(
+        handle.graphdef, sampling, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+        mesh=self.layout.mesh, param_shardings=handle.param_shardings, rules=self.layout.rules))
+
+  def log_probs(self, handle: common.ModelHandle):
+    rows = parallel.batch_sharding(self.layout.mesh, 2)
+    return self._get(("log_probs", handle.cfg), lambda: jax.jit(
+        functools.partial(ppo.response_logprobs, handle.graphdef),
+        in_shardings=(handle.param_shardings, rows, rows, rows), out_shardings=rows))
+
+  def eval_step(self, handle: common.ModelHandle):
+    return self._get(("eval_step", handle.cfg), lambda: jax.jit(
+        functools.partial(sft.eval_step, graphdef=handle.graphdef),
+        in_shardings=(handle.param_shardings, parallel.batch_sharding(self.layout.mesh)),
+        out_shardings=parallel.replicated(self.layout.mesh)))
+
+
+def _global_rows(arrays: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  """Every process holds the whole batch; each contributes its own rows to the global one."""
+  n, i = jax.process_count(), jax.process_index()
+  per = next(iter(arrays.values())).shape[0] // n
+  return parallel.global_batch({k: v[i * per:(i + 1) * per] for k, v in arrays.items()}, mesh)
+
+
+def _to_host(x) -> np.ndarray:
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sample(policy: Policy, prompts: Sequence[str], sampling: SamplingConfig, *, prompt_len: int,
+           batch_size: int, compiled: Compiled, rng) -> list[generate.Completion]:
+  """One response per prompt, in fixed-shape batches (see `generate.complete`)."""
+  return generate.complete(compiled.sampler(policy.handle, sampling), policy.params,
+                           compiled.tokenizer, prompts, rng,
+                           prompt_len=prompt_len, batch_size=batch_size,
+                           mesh=compiled.layout.mesh)
+
+
+def response_log_probs(policy: Policy, prompts: Sequence[str],
+                       completions: Sequence[generate.Completion], *, prompt_len: int,
+                       max_new_tokens: int, batch_size: int,
+                       compiled: Compiled) -> tuple[np.ndarray, np.ndarray]:
+  """log pi(token | prompt, earlier tokens) of every response token, [n, N], and the response
+  mask [n, N]: the policy's full forward over left-padded prompt + response."""
+  layout, tokenizer = compiled.layout, compiled.tokenizer
+  fn = compiled.log_probs(policy.handle)
+  logps, masks = [], []
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(range(start, min(start + batch_size, len(prompts))))
+    filled = [prompts[i] for i in chunk] + [""] * (batch_size - len(chunk))
+    prompt_tokens, prompt_mask = generate.encode_prompts(tokenizer, filled, prompt_len)
+    response = np.full((batch_size, max_new_tokens), tokenizer.pad_id, np.int32)
+    response_mask = np.zeros((batch_size, max_new_tokens), np.int32)
+    for row, i in enumerate(chunk):
+      ids = completions[i].tokens[:max_new_tokens]
+      response[row, :len(ids)] = ids
+      response_mask[row, :len(ids)] = 1
+    batch = _global_rows(dict(tokens=np.concatenate([prompt_tokens, response], 1),
+                              mask=np.concatenate([prompt_mask, response_mask], 1),
+                              response_mask=response_mask), layout.mesh)
+    with layout.scope():
+      out = fn(policy.params, batch["tokens"], batch["mask"], batch["response_mask"])
+    logps.append(_to_host(out)[:len(chunk)])
+    masks.append(response_mask[:len(chunk)])
+  return np.concatenate(logps), np.concatenate(masks)
+
+
+def pretraining_loss(policy: Policy, documents: Sequence[str], *, config,
+                     compiled: Compiled) -> float:
+  """Mean next-token loss over the held-out documents, packed as pretraining packs them."""
+  e, layout, tokenizer = config.ptx_eval, compiled.layout, compiled.tokenizer
+  common.check_seq_len(policy.handle.cfg, e.seq_len, "config.ptx_eval.seq_len")
+  local_batch = parallel.check_global_batch(e.batch_size, layout.mesh, "config.ptx_eval.batch_size")
+  source = [{"text": text} for text in documents]
+  data = lambda: iter(pipeline.eval_dataset(
+      source, tokenizer, kind="pretrain", seq_len=e.seq_len, batch_size=local_batch,
+      process_index=jax.process_index(), process_count=jax.process_count()))
+  with layout.scope():
+    return float(lm.run_eval(compiled.eval_step(policy.handle), policy.params, data, layout, e.max_batches)["eval_loss"])
+
+
+def pretraining_documents(config, task) -> tuple[list[str], str]:
+  """(held-out pretraining texts, what they are) for the alignment tax; ([], "") when off."""
+  e = config.ptx_eval
+  if e.source == "none":
+    return [], ""
+  if e.source == "synthetic":
+    texts = task.pretraining_documents(e.num_documents, "eval")
+    return texts, f"{len(texts)} held-out documents of the synthetic pretraining corpus"
+  paths = [p.strip() for p in e.files.split(",") if p.strip()]
+  if not paths:
+    raise InputError("config.ptx_eval.files", "source=files needs at least one text file")
+  texts = [r["text"] for path in paths for r in records.read_text(path)][:e.num_documents or None]
+  return texts, f"{len(texts)} documents of {', '.join(paths)}"
+
+
+@dataclasses.dataclass
+class RewardModel:
+  graphdef: Any
+  params: Any
+  gain: float
+  bias: float
+  seq_len: int
+  max_prompt_len: int
+
+  def score(self, prompts, responses, *, batch_size: int, layout, tokenizer) -> np.ndarray:
+    """Normalised rewards (gain * r + bias) of the responses to the (original) prompts."""
+    raw = reward.score_texts(self.params, self.graphdef, tokenizer, prompts, responses,
+                             seq_len=self.seq_len, max_prompt_len=self.max_prompt_len,
+                             batch_size=batch_size, layout=layout)
+    return self.gain * raw + self.bias
+
+
+def load_reward(workdir: str, layout: common.Layout) -> RewardModel:
+  graphdef, params, _, gain, bias = reward.load_reward_model(workdir, layout)
+  data = stage_config(workdir).data
+  return RewardModel(graphdef, params, gain, bias, data.seq_len, data.max_prompt_len)
+
+
+# ------------------------------------------------------------------------------------------------
+# One model.
+
+
+def _sampling_configs(config) -> tuple[SamplingConfig, SamplingConfig, bool]:
+  """(decoding, KL sampling, whether the decoding samples already serve for KL)."""
+  s = config.sampling
+  decoding = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                            top_k=s.top_k, top_p=s.top_p, greedy=config.greedy)
+  for_kl = SamplingConfig(max_new_tokens=s.max_new_tokens)
+  return decoding, for_kl, decoding == for_kl
+
+
+def evaluate_model(name: str, policy: Policy, sft_policy: Policy | None, prompts: Sequence[str],
+                   documents: Sequence[str], *, config, task,
+                   compiled: Compiled) -> dict[str, Any]:
+  """Per-prompt outputs of one model (see `evaluation.summarise_model`) and its responses
+  ("texts"); the RM scores all models' responses afterwards, in one pass."""
+  s = config.sampling
+  prompted = name == "gpt_prompted"
+  contexts = ([task.few_shot_prompt(p, config.few_shot.n_shots) for p in prompts] if prompted
+              else list(prompts))
+  prompt_len = config.few_shot.prompt_len if prompted else s.prompt_len
+  decoding, for_kl, reuse = _sampling_configs(config)
+  kwargs = dict(prompt_len=prompt_len, batch_size=s.batch_size, compiled=compiled)
+  completions = sample(policy, contexts, decoding, rng=jax.random.PRNGKey(config.seed), **kwargs)
+  texts = [c.text for c in completions]
+  out: dict[str, Any] = dict(
+      gold=[task.score(p, t) for p, t in zip(prompts, texts)],
+      ended=[c.ended for c in completions], lengths=[len(c.tokens) for c in completions],
+      prompts_truncated=sum(len(compiled.tokenizer.encode(c)) > prompt_len for c in contexts),
+      workdir=policy.workdir, checkpoint_step=policy.step, texts=texts)
+  if name == "sft":
+    out["kl"] = [0.0] * len(prompts)  # KL(pi_SFT || pi_SFT) = 0 exactly
+  elif sft_policy is not None and config.kl_from_sft:
+    if sft_policy.handle.cfg.vocab_size != policy.handle.cfg.vocab_size:
+      raise InputError(f"config.models.{name}", "its vocabulary differs from SFT's "
+                       f"({policy.handle.cfg.vocab_size} vs {sft_policy.handle.cfg.vocab_size}): "
+                       "no KL between them")
+    samples = completions if reuse else sample(policy, contexts, for_kl,
+                                               rng=jax.random.PRNGKey(config.seed + 1), **kwargs)
+    logp, mask = response_log_probs(policy, contexts, samples, max_new_tokens=s.max_new_tokens,
+                                    **kwargs)
+    ref_logp, _ = response_log_probs(sft_policy, prompts, samples,
+                                     max_new_tokens=s.max_new_tokens,
+                                     **dict(kwargs, prompt_len=s.prompt_len))
+    out["kl"] = evaluation.sequence_log_ratio(logp, ref_logp, mask).tolist()
+  if documents:
+    out["pretraining_loss"] = pretraining_loss(policy, documents, config=config,
+                                               compiled=compiled)
+  return out
+
+
+def add_rm_scores(outputs: dict[str, dict[str, Any]], prompts: Sequence[str], rm: RewardModel, *,
+                  batch_size: int, layout: common.Layout, tokenizer: Tokenizer) -> None:
+  """Sets outputs[name]["rm"]: every model's responses to the original prompts, in one pass."""
+  names = list(outputs)
+  all_prompts = [p for _ in names for p in prompts]
+  all_texts = [t for name in names for t in outputs[name]["texts"]]
+  scores = rm.score(all_prompts, all_texts, batch_size=batch_size, layout=layout,
+                    tokenizer=tokenizer)
+  for i, name in enumerate(names):
+    outputs[name]["rm"] = scores[i * len(prompts):(i + 1) * len(prompts)].tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# The stage.
+
+
+def training_curves(config) -> dict[str, dict[str, list]]:
+  """Curves of the PPO runs' metrics.jsonl (missing files and keys are left out)."""
+  curves = {}
+  for name in ("ppo", "ppo_ptx"):
+    workdir = config.models[name]
+    path = os.path.join(workdir, METRICS_FILE) if workdir else ""
+    if path and os.path.isfile(path):
+      run_curves = evaluation.training_curves(read_metrics(path))
+      if run_curves:
+        curves[name] = run_curves
+  return curves
+
+
+def reward_model_summary(config, task) -> dict[str, Any] | None:
+  """The RM's held-out accuracy from its metrics.jsonl, with the labeler ceiling and agreement."""
+  if not config.reward_from:
+    return None
+  path = os.path.join(config.reward_from, METRICS_FILE)
+  summary = evaluation.reward_model_summary(read_metrics(path)) if os.path.isfile(path) else None
+  summary = dict(summary or {})
+  summary.setdefault("labeler_ceiling", task.labeler_agreement_ceiling())
+  summary["labeler_agreement"] = task.inter_labeler_agreement()
+  summary["workdir"] = config.reward_from
+  return summary
+
+
+def _settings(config, documents_text: str) -> dict[str, Any]:
+  s = config.sampling
+  decoding = ("greedy decoding" if config.greedy else
+              f"sampling at temperature {s.temperature} (top_k={s.top_k}, top_p={s.top_p})")
+  decoding += f", at most {s.max_new_tokens} tokens"
+  kl = ("sum over the response tokens of log pi - log pi_SFT, on one temperature-1 sample per "
+        "prompt from each model" if config.kl_from_sft else "")
+  return dict(num_prompts=config.num_prompts, split=config.split, decoding=decoding,
+              kl_decoding=kl, pretraining_text=documents_text, confidence=config.confidence,
+              few_shot_n_shots=config.few_shot.n_shots, prompt_len=s.prompt_len,
+              few_shot_prompt_len=config.few_shot.prompt_len, task_seed=config.synthetic.seed,
+              seed=config.seed)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The entry for `experiments.run` (config.stage == "evaluate"): evaluates the configured
+  models and writes report.json, report.md and the plots into `workdir`; returns the results."""
+  check_config(config)
+  layout = common.Layout.from_config(config)
+  parallel.check_global_batch(config.sampling.batch_size, layout.mesh, "config.sampling.batch_size")
+  tokenizer = common.tokenizer_from_config(config)
+  task = synthetic_task(config)
+  prompts = task.prompts(config.num_prompts, config.split)
+  documents, documents_text = pretraining_documents(config, task)
+  rm = load_reward(config.reward_from, layout) if config.reward_from else None
+  given = {name: config.models[name] for name in CHECKPOINT_PATHS if config.models[name]}
+  skipped = {name: f"no workdir given (--config.models.{name})" for name in CHECKPOINT_PATHS
+             if name not in given}
+  if "gpt" not in given:
+    skipped["gpt_prompted"] = "no GPT workdir given (--config.models.gpt)"
+  elif config.few_shot.n_shots == 0:
+    skipped["gpt_prompted"] = "config.few_shot.n_shots is 0"
+
+  compiled = Compiled(layout, tokenizer)
+  policies: dict[str, Policy] = {}
+
+  def policy_of(name: str) -> Policy:  # GPT-prompted reuses GPT's parameters
+    if name not in policies:
+      policies[name] = load_policy(name, given[name], config, layout, tokenizer)
+    return policies[name]
+
+  sft_policy = policy_of("sft") if "sft" in given else None
+  outputs = {}
+  for name in evaluation.MODELS:
+    if name in skipped:
+      continue
+    policy = policy_of("gpt" if name == "gpt_prompted" else name)
+    outputs[name] = evaluate_model(name, policy, sft_policy, prompts, documents, config=config,
+                                   task=task, compiled=compiled)
+    if name != "gpt":  # frees what no later model needs; GPT-prompted follows GPT
+      for done in [k for k in policies if k != "sft"]:
+        del policies[done]
+    gold = float(np.mean(outputs[name]["gold"]))
+    print(f"[evaluate] {evaluation.LABELS[name]}: gold score {gold:.3f}", flush=True)
+
+  if rm is not None:
+    add_rm_scores(outputs, prompts, rm, batch_size=config.sampling.batch_size, layout=layout,
+                  tokenizer=tokenizer)
+  texts = {name: out.pop("texts") for name, out in outputs.items()}
+  results = dict(settings=_settings(config, documents_text),
+                 models=evaluation.summarise(outputs, config.confidence), skipped=skipped,
+                 examples=[dict(prompt=p, responses={name: texts[name][i] for name in texts})
+                           for i, p in enumerate(prompts[:config.report_examples])])
+  rm_summary = reward_model_summary(config, task)
+  if rm_summary:
+    results["reward_model"] = rm_summary
+  if jax.process_index() == 0:
+    written = report.write_report(workdir, results, training_curves(config))
+    print(f"[evaluate] wrote {written['markdown']}", flush=True)
+  return results
