@@ -493,3 +493,25 @@ def test_export_loads_in_transformers_with_the_same_logits(tmp_path, flavour):
   reference = _hf_logits(model, BATCH_TOKENS, BATCH_MASK)
   ours = logits_of(cfg, params, jnp.asarray(BATCH_TOKENS), jnp.asarray(BATCH_MASK))
   _assert_real_positions_close(ours, reference)
+
+
+def test_trainer_starts_from_a_hugging_face_checkpoint(tmp_path):
+  """`--config.model.init_from_hf=DIR`: the architecture and the weights come from the directory."""
+  import tiny
+  from instructjax.trainers import lm
+  source = ModelConfig(flavour="gpt2", vocab_size=259, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                       max_len=64)
+  _, state = nnx.split(LanguageModel(source, rngs=nnx.Rngs(3)))
+  hf.export_hf(nnx.to_pure_dict(state), source, tmp_path / "hf", "gpt2")
+  config = tiny.lm_config("pretrain", steps=1, **{"model.init_from_hf": str(tmp_path / "hf"),
+                                                   "model.d_model": 8, "optimizer.lr": 0.0})
+  lm.train(config, str(tmp_path / "run"))
+  restored = checkpoint.restore_subtree(
+      str(tmp_path / "run" / "checkpoints"),
+      jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                  sharding=jax.sharding.SingleDeviceSharding(
+                                                      jax.devices()[0])),
+                   hf.import_hf(tmp_path / "hf", vocab_size=384)[1]))
+  expected = hf.import_hf(tmp_path / "hf", vocab_size=384)[1]
+  assert restored["backbone"]["layers"]["wq"].shape[1] == 32  # d_model came from the checkpoint
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(expected))

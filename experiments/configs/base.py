@@ -41,6 +41,7 @@ def model_config(size: str = "tiny", flavour: str = "gpt2") -> config_dict.Confi
   m.scan_unroll = 1
   m.attention_impl = placeholder(str)
   m.init_std = 0.02
+  m.init_from_hf = ""   # a local Hugging Face checkpoint dir: its architecture and weights
   m.update(MODEL_SIZES[size])
   return m
 

@@ -53,6 +53,13 @@ def tokenizer_from_config(config: ml_collections.ConfigDict) -> Tokenizer:
 def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
   """The model section as a ModelConfig; vocab_size None means the tokenizer's, padded to 128."""
   fields = config.model.to_dict()
+  hf_dir = fields.pop("init_from_hf", "")
+  if hf_dir:  # the checkpoint decides the architecture; the vocabulary is padded as usual
+    from instructjax.models import hf
+    overrides = hf.hf_model_overrides(hf_dir)
+    fields.update({k: v for k, v in overrides.items() if k != "vocab_size"})
+    fields["vocab_size"] = fields.get("vocab_size") or pad_vocab(
+        max(overrides["vocab_size"], tokenizer.vocab_size))
   if fields.get("vocab_size") is None:
     fields["vocab_size"] = pad_vocab(tokenizer.vocab_size)
   if fields.get("real_vocab_size") is None:
@@ -61,6 +68,14 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Mod
     raise InputError("config.model.vocab_size", f"{fields['vocab_size']} is smaller than the "
                      f"tokenizer's vocabulary ({tokenizer.vocab_size})")
   return ModelConfig.from_mapping(fields)
+
+
+def hf_params(config, layout: "Layout", model_cfg: ModelConfig):
+  """The weights of `config.model.init_from_hf`, each placed straight onto its shard."""
+  from instructjax.models import hf
+  _, params = hf.import_hf(config.model.init_from_hf, mesh=layout.mesh, rules=layout.rules,
+                           vocab_size=model_cfg.vocab_size)
+  return params
 
 
 def check_seq_len(cfg: ModelConfig, seq_len: int, where: str = "config.data.seq_len") -> None:

@@ -124,6 +124,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       if config.init_from:
         state = dict(state, params=loop.init_params_from(config.init_from, abstract["params"]))
         print(f"[{config.stage}] initialised from {config.init_from}", flush=True)
+      elif config.model.init_from_hf:
+        state = dict(state, params=common.hf_params(config, layout, model_cfg))
+        print(f"[{config.stage}] initialised from {config.model.init_from_hf}", flush=True)
       return state
 
     state, _ = loop.restore_or_init(config.stage, ckpt, abstract, create, data_iter)
