@@ -97,11 +97,6 @@ def opt_state_specs(optimizer: optax.GradientTransformation, params_abstract, pa
                                is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
-def shardings_of(layout: Layout, abstract_state, specs) -> Any:
-  """NamedShardings for a state pytree given PartitionSpecs for its param-like parts."""
-  return parallel.named(layout.mesh, specs)
-
-
 def create_sharded(init_fn: Callable[[], Any], shardings: Any) -> Any:
   """Runs `init_fn` under jit with `out_shardings`, so no host holds a full copy of the state."""
   return jax.jit(init_fn, out_shardings=shardings)()
@@ -125,3 +120,34 @@ def checkpoint_dir(path: str) -> str:
   path = path.rstrip("/")
   return path if os.path.basename(path) == "checkpoints" or not os.path.isdir(
       os.path.join(path, "checkpoints")) else os.path.join(path, "checkpoints")
+
+
+def supervised_state(seed: int, layout: Layout, model_fn: Callable[[nnx.Rngs], nnx.Module],
+                     optimizer: optax.GradientTransformation):
+  """Graph, abstract sharded state, shardings and an initialiser for a one-model train state
+  (the dict of `objectives.sft`: params, opt_state, step, rng, bad_steps)."""
+  from instructjax.objectives import sft
+  graphdef, abstract_nnx = split_model(model_fn)
+  p_specs = parallel.param_specs(abstract_nnx, layout.rules, layout.mesh)
+  scalar = PartitionSpec()
+  specs = dict(params=p_specs,
+               opt_state=opt_state_specs(optimizer, nnx.to_pure_dict(abstract_nnx), p_specs),
+               step=scalar, rng=scalar, bad_steps=scalar)
+  shardings = parallel.named(layout.mesh, specs)
+
+  def init():
+    params = nnx.to_pure_dict(nnx.split(model_fn(nnx.Rngs(seed)))[1])
+    return sft.init_state(params, optimizer, seed)
+
+  abstract = abstract_with_shardings(jax.eval_shape(init), shardings)
+  return graphdef, abstract, shardings, init
+
+
+def jit_supervised(train_step: Callable, eval_step: Callable, shardings, layout: Layout):
+  """The train step (state donated) and the eval step, jitted once with explicit shardings."""
+  batch = parallel.batch_sharding(layout.mesh)
+  whole = parallel.replicated(layout.mesh)
+  train = jax.jit(train_step, in_shardings=(shardings, batch), out_shardings=(shardings, whole),
+                  donate_argnums=0)
+  evaluate = jax.jit(eval_step, in_shardings=(shardings["params"], batch), out_shardings=whole)
+  return train, evaluate

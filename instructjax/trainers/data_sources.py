@@ -21,10 +21,11 @@ def synthetic_task(config) -> SyntheticTask:
                                   labeler_agreement=config.synthetic.labeler_agreement))
 
 
-def _split_paths(value: str, where: str) -> list[str]:
+def split_paths(value: str, where: str) -> list[str]:
+  """The paths of a comma-separated config field; a missing file is an error naming the field."""
   paths = [p.strip() for p in value.split(",") if p.strip()]
   for path in paths:
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
       raise InputError(where, f"file not found: {path}")
   return paths
 
@@ -54,11 +55,11 @@ def lm_sources(config, workdir: str) -> dict:
   if config.data.source == "synthetic":
     paths = _synthetic_files(config, data_dir)
   elif config.data.source == "files":
-    paths = {"train": _split_paths(config.data.train_files, "config.data.train_files")}
+    paths = {"train": split_paths(config.data.train_files, "config.data.train_files")}
     if not paths["train"]:
       raise InputError("config.data.train_files", "source=files needs at least one file")
     if config.data.eval_files:
-      paths["validation"] = _split_paths(config.data.eval_files, "config.data.eval_files")
+      paths["validation"] = split_paths(config.data.eval_files, "config.data.eval_files")
   else:
     raise InputError("config.data.source", f"{config.data.source!r} is not 'synthetic' or 'files'")
   tfds.disable_progress_bar()

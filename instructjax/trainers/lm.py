@@ -10,7 +10,6 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
-from flax import nnx
 
 from instructjax import checkpoint, parallel
 from instructjax.data import pipeline
@@ -22,36 +21,15 @@ from instructjax.trainers.data_sources import lm_sources
 
 def build_model_state(config, layout: common.Layout, model_cfg, optimizer):
   """Graph definition, abstract sharded state and an initialiser that creates it sharded."""
-  graphdef, abstract_nnx = common.split_model(lambda rngs: LanguageModel(model_cfg, rngs=rngs))
-  p_specs = parallel.param_specs(abstract_nnx, layout.rules, layout.mesh)
-  params_abstract = nnx.to_pure_dict(abstract_nnx)
-  specs = dict(params=p_specs,
-               opt_state=common.opt_state_specs(optimizer, params_abstract, p_specs),
-               step=parallel.PartitionSpec(), rng=parallel.PartitionSpec(),
-               bad_steps=parallel.PartitionSpec())
-  shardings = parallel.named(layout.mesh, specs)
-
-  def init():
-    model = LanguageModel(model_cfg, rngs=nnx.Rngs(config.seed))
-    params = nnx.to_pure_dict(nnx.split(model)[1])
-    return sft.init_state(params, optimizer, config.seed)
-
-  abstract = common.abstract_with_shardings(jax.eval_shape(init), shardings)
-  return graphdef, abstract, shardings, init
+  return common.supervised_state(config.seed, layout,
+                                 lambda rngs: LanguageModel(model_cfg, rngs=rngs), optimizer)
 
 
 def jit_steps(graphdef, optimizer, schedule, shardings, layout, use_dropout: bool):
-  batch_sharding = parallel.batch_sharding(layout.mesh)
-  train = jax.jit(
-      functools.partial(sft.train_step, graphdef=graphdef, optimizer=optimizer,
-                        schedule=schedule, use_dropout=use_dropout),
-      in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, parallel.replicated(layout.mesh)),
-      donate_argnums=0)
-  evaluate = jax.jit(functools.partial(sft.eval_step, graphdef=graphdef),
-                     in_shardings=(shardings["params"], batch_sharding),
-                     out_shardings=parallel.replicated(layout.mesh))
-  return train, evaluate
+  train = functools.partial(sft.train_step, graphdef=graphdef, optimizer=optimizer,
+                            schedule=schedule, use_dropout=use_dropout)
+  return common.jit_supervised(train, functools.partial(sft.eval_step, graphdef=graphdef),
+                               shardings, layout)
 
 
 def run_eval(evaluate, params, eval_data_fn: Callable, layout, max_batches: int) -> dict[str, float]:

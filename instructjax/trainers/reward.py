@@ -40,7 +40,7 @@ from instructjax.data.synthetic import SyntheticTask
 from instructjax.errors import InputError
 from instructjax.models.decoder import ScalarModel
 from instructjax.objectives import reward
-from instructjax.trainers import common, comparisons, loop
+from instructjax.trainers import common, comparisons, data_sources, loop
 from instructjax.trainers.data_sources import synthetic_task
 from instructjax.trainers.lm import make_optimizer
 
@@ -49,14 +49,6 @@ NORMALISATION_KEY = "reward_normalisation"
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _split_paths(value: str, where: str) -> list[str]:
-  paths = [p.strip() for p in value.split(",") if p.strip()]
-  for path in paths:
-    if not os.path.isfile(path):
-      raise InputError(where, f"file not found: {path}")
-  return paths
 
 
 def check_files(paths: Sequence[str], *, max_k: int, on_bad: str) -> rankings.Stats:
@@ -85,11 +77,11 @@ def check_files(paths: Sequence[str], *, max_k: int, on_bad: str) -> rankings.St
 
 def _sources_from_files(config) -> tuple[dict[str, list[str]], rankings.Stats]:
   d = config.data
-  paths = {"train": _split_paths(d.train_files, "config.data.train_files")}
+  paths = {"train": data_sources.split_paths(d.train_files, "config.data.train_files")}
   if not paths["train"]:
     raise InputError("config.data.train_files", "source=files needs at least one ranking file")
   if d.eval_files:
-    paths["validation"] = _split_paths(d.eval_files, "config.data.eval_files")
+    paths["validation"] = data_sources.split_paths(d.eval_files, "config.data.eval_files")
   stats = check_files([p for split in paths.values() for p in split], max_k=d.max_k,
                       on_bad=d.on_bad)
   return paths, stats
@@ -186,21 +178,8 @@ def datasets(config, workdir: str, layout: common.Layout, tokenizer, model_cfg,
 
 def build_model_state(config, layout: common.Layout, model_cfg, optimizer):
   """Graph definition, abstract sharded state and an initialiser of a fresh ScalarModel state."""
-  graphdef, abstract_nnx = common.split_model(lambda rngs: ScalarModel(model_cfg, rngs=rngs))
-  p_specs = parallel.param_specs(abstract_nnx, layout.rules, layout.mesh)
-  params_abstract = nnx.to_pure_dict(abstract_nnx)
-  specs = dict(params=p_specs,
-               opt_state=common.opt_state_specs(optimizer, params_abstract, p_specs),
-               step=parallel.PartitionSpec(), rng=parallel.PartitionSpec(),
-               bad_steps=parallel.PartitionSpec())
-  shardings = parallel.named(layout.mesh, specs)
-
-  def init():
-    model = ScalarModel(model_cfg, rngs=nnx.Rngs(config.seed))
-    return reward.init_state(nnx.to_pure_dict(nnx.split(model)[1]), optimizer, config.seed)
-
-  abstract = common.abstract_with_shardings(jax.eval_shape(init), shardings)
-  return graphdef, abstract, shardings, init
+  return common.supervised_state(config.seed, layout,
+                                 lambda rngs: ScalarModel(model_cfg, rngs=rngs), optimizer)
 
 
 def eval_sums(params, batch, *, graphdef):
@@ -212,17 +191,10 @@ def eval_sums(params, batch, *, graphdef):
 
 
 def jit_steps(graphdef, optimizer, schedule, shardings, layout, use_dropout: bool):
-  batch_sharding = parallel.batch_sharding(layout.mesh)
-  train = jax.jit(
-      functools.partial(reward.train_step, graphdef=graphdef, optimizer=optimizer,
-                        schedule=schedule, use_dropout=use_dropout),
-      in_shardings=(shardings, batch_sharding),
-      out_shardings=(shardings, parallel.replicated(layout.mesh)),
-      donate_argnums=0)
-  evaluate = jax.jit(functools.partial(eval_sums, graphdef=graphdef),
-                     in_shardings=(shardings["params"], batch_sharding),
-                     out_shardings=parallel.replicated(layout.mesh))
-  return train, evaluate
+  train = functools.partial(reward.train_step, graphdef=graphdef, optimizer=optimizer,
+                            schedule=schedule, use_dropout=use_dropout)
+  return common.jit_supervised(train, functools.partial(eval_sums, graphdef=graphdef), shardings,
+                               layout)
 
 
 def run_eval(evaluate, params, eval_data_fn: Callable, layout, max_batches: int,
