@@ -66,3 +66,32 @@ def reward_config(**overrides):
     config.optimizer.warmup_steps = 1
     _override(config, overrides)
   return config
+
+
+def ppo_config(**overrides):
+  """A locked PPO config matching `lm_config("sft")`'s model: a few iterations in seconds."""
+  from experiments.configs import ppo
+  config = ppo.get_config("tiny")
+  with config.unlocked():
+    config.model.update(TINY_MODEL)
+    config.sampling.prompt_len = 40
+    config.sampling.max_new_tokens = 8
+    config.sampling.batch_size = 8
+    config.eval_samples = 8
+    config.data.num_prompts = 24
+    config.ptx.seq_len = 32
+    config.ptx.batch_size = 8
+    config.ptx.num_train = 40
+    config.ptx.num_eval = 8
+    config.ptx.eval_batches = 1
+    config.rollout_batch_size = 16
+    config.ppo.ppo_epochs = 2
+    config.ppo.num_minibatches = 2
+    config.iterations = 3
+    config.log_every = 1
+    config.eval_every = 2
+    config.save_every = 2
+    config.eval_at_start = False
+    config.optimizer.warmup_steps = 1
+    _override(config, overrides)
+  return config

@@ -1,0 +1,564 @@
+"""The PPO-ptx stage (InstructGPT step 3): a thin loop around `objectives/ppo.py`.
+
+  models   policy and reference from the SFT checkpoint (`init_from`); the reference is frozen
+           (no optimizer state) and, like the reward model, may be stored in bfloat16
+           (`frozen_dtype`). Value model from the reward model (`reward_from`;
+           `ppo.value_init="reward"`) or a zero head on the SFT backbone ("zero"). The reward
+           model is frozen with its normalisation (gain, bias). Every model is sharded on the
+           mesh by its parameters' logical axes; both optimizer states mirror their models.
+  data     prompts: the synthetic task's "ppo" split or JSONL {"prompt"} files, a grain stream of
+           fixed-shape left-padded batches, repeated forever and reshuffled every epoch.
+           ptx: packed pretraining rows (synthetic corpus or files), ppo_epochs *
+           num_minibatches minibatches of `ptx.batch_size` rows per iteration; with
+           ptx_coef == 0 this stream is never built (the held-out split still is, for the
+           alignment-tax metric). Both iterators' positions are checkpointed.
+  loop     one iteration = four jitted phases, each timed on the host:
+             rollout    the Sampler (KV cache, while_loop) draws responses of the policy;
+             score      log-probs of policy and reference, values, reward-model scores;
+             advantage  KL-shaped rewards, GAE, whitening, rollout metrics;
+             update     ppo_epochs x num_minibatches optimiser steps in one scan (state donated),
+                        then the adaptive KL controller (kl_coef lives in the state).
+           A checkpoint step is an iteration; the state's `step` counts optimiser steps.
+  metrics  at log steps: RM score (raw and normalised), KL to the reference per response, beta,
+           entropy, clip fractions, approx KL, losses, explained variance, response length, EOS
+           fraction, grad norms, seconds per phase, rollouts/s and, on the synthetic task, the
+           gold score of the rollouts (so RM score and gold score can be plotted against KL).
+           At eval steps (and at step 0 with `eval_at_start`): the greedy gold score on held-out
+           "eval" prompts and the held-out pretraining loss (`eval_ptx_loss`, the alignment tax).
+
+Timing: the host blocks at the end of every phase. The phases depend on each other anyway, so
+this only gives up the overlap of dispatching one phase while the previous one runs (about a
+millisecond), and it makes every phase's time exact rather than only the iteration's.
+
+Resuming (the same command on the same workdir) restores the whole RL state: both models and
+their optimizers, the optimiser step, the RNG, beta and both data positions; the rollout key is
+derived from the state's RNG and the iteration, so a killed and resumed run ends bit for bit
+where an unbroken one ends (same mesh). A non-finite loss or gradient stops the run before it
+saves (`loop.stop_if_nonfinite`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from instructjax import checkpoint, parallel
+from instructjax.data import pipeline, records
+from instructjax.errors import InputError
+from instructjax.metrics import MetricWriter, Progress
+from instructjax.models.decoder import LanguageModel, ScalarModel
+from instructjax.objectives import ppo, sft
+from instructjax.sampling import Sampler, SamplingConfig
+from instructjax.trainers import common, comparisons, data_sources, loop, sft_eval
+from instructjax.trainers.data_sources import lm_sources, synthetic_task
+from instructjax.trainers.lm import run_eval
+from instructjax.trainers.reward import load_reward_model
+
+VALUE_INITS = ("reward", "zero")
+FROZEN_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+TRAINER_ONLY_PPO_FIELDS = ("value_init",)
+PHASES = ("rollout", "score", "advantage", "update")
+# Keeps the rollout keys apart from the update's shuffle keys, which also derive from state rng.
+_ROLLOUT_SALT = 0x526F6C6C
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def ppo_config(config: ml_collections.ConfigDict) -> ppo.PPOConfig:
+  """The objective's PPOConfig from `config.ppo` (without the trainer's own fields)."""
+  fields = {k: v for k, v in config.ppo.to_dict().items() if k not in TRAINER_ONLY_PPO_FIELDS}
+  return ppo.PPOConfig.from_mapping(fields)
+
+
+def check_config(config, cfg: ppo.PPOConfig, layout: common.Layout) -> None:
+  """Everything that can be wrong before a model is loaded, reported as InputError."""
+  if not config.init_from:
+    raise InputError("config.init_from", "PPO needs the SFT workdir (policy and reference)")
+  if not config.reward_from:
+    raise InputError("config.reward_from", "PPO needs the reward model's workdir")
+  if config.ppo.value_init not in VALUE_INITS:
+    raise InputError("config.ppo.value_init", f"{config.ppo.value_init!r} is not one of "
+                     f"{VALUE_INITS}")
+  if config.frozen_dtype not in FROZEN_DTYPES:
+    raise InputError("config.frozen_dtype", f"{config.frozen_dtype!r} is not one of "
+                     f"{sorted(FROZEN_DTYPES)}")
+  if config.sampling.temperature != cfg.temperature:
+    raise InputError("config.sampling.temperature", f"{config.sampling.temperature} differs from "
+                     f"ppo.temperature {cfg.temperature}: PPO's ratio needs the sampler's "
+                     "distribution")
+  if config.iterations < 1:
+    raise InputError("config.iterations", f"must be >= 1, got {config.iterations}")
+  parallel.check_global_batch(config.rollout_batch_size, layout.mesh, "config.rollout_batch_size")
+  shards, accum = parallel.batch_divisor(layout.mesh), cfg.grad_accum
+  minibatch, extra = divmod(config.rollout_batch_size, cfg.num_minibatches)
+  if extra or minibatch % (shards * accum):
+    raise InputError("config.rollout_batch_size", f"{config.rollout_batch_size} episodes in "
+                     f"{cfg.num_minibatches} minibatches of {accum} micro-batches must give "
+                     f"micro-batches that split evenly over the {shards} batch shards")
+  if config.ptx.source not in ("synthetic", "files", "none"):
+    raise InputError("config.ptx.source", f"{config.ptx.source!r} is not synthetic, files or none")
+  if cfg.ptx_coef > 0:
+    if config.ptx.source == "none":
+      raise InputError("config.ptx.source", "is 'none' but ppo.ptx_coef > 0 needs pretraining "
+                       "text (or set ppo.ptx_coef=0 for plain PPO)")
+    parallel.check_global_batch(config.ptx.batch_size, layout.mesh, "config.ptx.batch_size")
+    if config.ptx.batch_size % (shards * accum):
+      raise InputError("config.ptx.batch_size", f"{config.ptx.batch_size} rows in {accum} "
+                       f"micro-batches do not split evenly over the {shards} batch shards")
+  if config.ptx.source != "none" or config.data.source == "synthetic":
+    parallel.check_global_batch(config.sampling.batch_size, layout.mesh,
+                                "config.sampling.batch_size")
+
+
+def make_optimizers(config, total_steps: int):
+  """One AdamW per model (the value model's lr is `value_lr`, default the policy's)."""
+  o = config.optimizer
+  optimizers, schedules = {}, {}
+  for name, lr in (("policy", o.lr), ("value", config.value_lr or o.lr)):
+    schedules[name] = sft.learning_rate_schedule(lr, o.warmup_steps, total_steps, o.decay,
+                                                 o.end_fraction)
+    optimizers[name] = sft.make_optimizer(schedules[name], weight_decay=o.weight_decay, b1=o.b1,
+                                          b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
+  return optimizers, schedules
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def read_prompt_files(paths) -> list[dict]:
+  """Every {"prompt": str} record of JSONL files; a bad line is an InputError naming file:line."""
+  out = []
+  for path in paths:
+    for where, value in records.iter_jsonl(path):
+      if not isinstance(value, dict):
+        raise InputError(where, f"expected a JSON object with a 'prompt', got "
+                         f"{type(value).__name__}")
+      prompt = value.get("prompt")
+      if not isinstance(prompt, str):
+        raise InputError(where, "missing 'prompt' string" if prompt is None
+                         else f"'prompt' must be a string, got {type(prompt).__name__}")
+      if not prompt.strip():
+        raise InputError(where, "'prompt' is empty")
+      out.append({"prompt": prompt, "source": where})
+  if not out:
+    raise InputError("config.data.files", "no prompts in " + ", ".join(map(str, paths)))
+  return out
+
+
+def prompt_records(config, task) -> list[dict]:
+  """The PPO prompts: the synthetic task's "ppo" split, or the user's JSONL files."""
+  if config.data.source == "synthetic":
+    return [{"prompt": p, "source": f"synthetic ppo prompt {i}"}
+            for i, p in enumerate(task.prompts(config.data.num_prompts, "ppo"))]
+  if config.data.source == "files":
+    paths = data_sources.split_paths(config.data.files, "config.data.files")
+    if not paths:
+      raise InputError("config.data.files", "source=files needs at least one prompt file")
+    return read_prompt_files(paths)
+  raise InputError("config.data.source", f"{config.data.source!r} is not 'synthetic' or 'files'")
+
+
+def ptx_sources(config, workdir: str) -> dict | None:
+  """Train and validation sources of the pretraining text (None for ptx.source "none")."""
+  x = config.ptx
+  if x.source == "none":
+    return None
+  if x.source == "files":
+    if not data_sources.split_paths(x.files, "config.ptx.files"):
+      raise InputError("config.ptx.files", "ptx.source=files needs at least one file")
+    data_sources.split_paths(x.eval_files, "config.ptx.eval_files")
+  # The pretraining stage's own data path, pointed at the ptx section.
+  view = ml_collections.ConfigDict(dict(
+      data=dict(source=x.source, format="text", train_files=x.files, eval_files=x.eval_files,
+                num_train=x.num_train, num_eval=x.num_eval),
+      synthetic=config.synthetic.to_dict()))
+  return lm_sources(view, workdir)
+
+
+class Streams:
+  """The prompt and pretraining iterators, checkpointed together as one position."""
+
+  def __init__(self, prompts, ptx=None):
+    self.prompts, self.ptx = prompts, ptx
+
+  def get_state(self) -> dict[str, Any]:
+    return {"prompts": self.prompts.get_state(),
+            "ptx": None if self.ptx is None else self.ptx.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.prompts.set_state(state["prompts"])
+    if self.ptx is not None:
+      if state.get("ptx") is None:
+        raise InputError("checkpoint", "has no pretraining-stream position: it was written "
+                         "with ptx_coef=0; resume it with the same ptx_coef")
+      self.ptx.set_state(state["ptx"])
+
+
+@dataclasses.dataclass
+class Data:
+  records: list[dict]                 # the prompts (gold scoring reads their text back)
+  streams: Streams
+  ptx_eval: Callable[[], Any] | None  # one pass over the held-out pretraining rows
+  stats: pipeline.PipelineStats
+
+
+def datasets(config, workdir: str, tokenizer, task, cfg: ppo.PPOConfig) -> Data:
+  n_proc, index = jax.process_count(), jax.process_index()
+  stats = pipeline.PipelineStats()
+  prompts = prompt_records(config, task)
+  prompt_ds = pipeline.prompt_dataset(
+      prompts, tokenizer, prompt_len=config.sampling.prompt_len,
+      batch_size=config.rollout_batch_size // n_proc, seed=config.seed, stats=stats,
+      process_index=index, process_count=n_proc)
+  sources = ptx_sources(config, workdir)
+  ptx_iter, ptx_eval = None, None
+  if sources is not None:
+    kwargs = dict(seq_len=config.ptx.seq_len, process_index=index, process_count=n_proc)
+    if cfg.ptx_coef > 0:
+      ptx_iter = iter(pipeline.pretrain_dataset(
+          sources["train"], tokenizer, batch_size=config.ptx.batch_size // n_proc,
+          seed=config.seed, **kwargs))
+    ptx_eval = lambda: iter(pipeline.eval_dataset(
+        sources["validation"], tokenizer, kind="pretrain",
+        batch_size=config.sampling.batch_size // n_proc, **kwargs))
+  return Data(prompts, Streams(iter(prompt_ds), ptx_iter), ptx_eval, stats)
+
+
+def next_ptx_batch(streams: Streams, minibatches: int) -> dict[str, np.ndarray] | None:
+  """This process's rows of one iteration's pretraining batch, [minibatches, b, T]."""
+  if streams.ptx is None:
+    return None
+  rows = [next(streams.ptx) for _ in range(minibatches)]
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclasses.dataclass
+class Models:
+  """Graph, config and parameter layout of each model."""
+  policy: common.ModelHandle      # also the reference's
+  value: common.ModelHandle
+  reward: common.ModelHandle
+
+
+def _cast(params, dtype, shardings):
+  return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings,
+                 donate_argnums=0)(params)
+
+
+def load_models(config, layout, model_cfg) -> tuple[Models, dict[str, Any]]:
+  """The models' layouts, and the frozen ones score_phase reads: the SFT reference and the reward
+  model with its normalisation, stored in `frozen_dtype`. Both are read from disk here, so no
+  buffer is shared with the train state (which the update donates)."""
+  dtype = FROZEN_DTYPES[config.frozen_dtype]
+  policy, reference = comparisons.load_policy(config, layout, model_cfg)
+  reward_graphdef, reward_params, reward_cfg, gain, bias = load_reward_model(config.reward_from,
+                                                                             layout)
+  reward = common.ModelHandle(reward_graphdef, reward_cfg,
+                              jax.tree.map(lambda x: x.sharding, reward_params))
+  # The value model is a copy of the reward model, or the policy's backbone under a new head.
+  value_cfg = reward_cfg if config.ppo.value_init == "reward" else model_cfg
+  value_graphdef, value_abstract = common.split_model(
+      lambda rngs: ScalarModel(value_cfg, rngs=rngs))
+  value_specs = parallel.param_specs(value_abstract, layout.rules, layout.mesh)
+  value = common.ModelHandle(value_graphdef, value_cfg, parallel.named(layout.mesh, value_specs))
+  replicated = parallel.replicated(layout.mesh)
+  frozen = dict(reference=_cast(reference, dtype, policy.param_shardings),
+                reward=_cast(reward_params, dtype, reward.param_shardings),
+                reward_gain=jax.device_put(jnp.float32(gain), replicated),
+                reward_bias=jax.device_put(jnp.float32(bias), replicated))
+  return Models(policy, value, reward), frozen
+
+
+def _abstract_params(handle: common.ModelHandle, model_cls) -> Any:
+  _, abstract = common.split_model(lambda rngs: model_cls(handle.cfg, rngs=rngs))
+  return common.abstract_with_shardings(nnx.to_pure_dict(abstract), handle.param_shardings)
+
+
+def initial_value_params(config, layout, models: Models):
+  """The value model at the start: the reward model ("reward"), or the SFT backbone under a
+  zero head ("zero": every value is 0, so the first advantages are the rewards-to-go)."""
+  if config.ppo.value_init == "reward":
+    return load_reward_model(config.reward_from, layout)[1]
+  _, sft_params = comparisons.load_policy(config, layout, models.policy.cfg)
+  abstract = _abstract_params(models.value, ScalarModel)
+  zeros = lambda name: jax.device_put(jnp.zeros(abstract[name].shape, abstract[name].dtype),
+                                      abstract[name].sharding)
+  return {"backbone": sft_params["backbone"], "head_w": zeros("head_w"), "head_b": zeros("head_b")}
+
+
+def state_shardings(models: Models, optimizers, layout, cfg: ppo.PPOConfig, seed: int):
+  """Abstract train state (the layout in objectives/ppo.py) and its shardings."""
+  spec = lambda s: s.spec
+  p_specs = {"policy": jax.tree.map(spec, models.policy.param_shardings),
+             "value": jax.tree.map(spec, models.value.param_shardings)}
+  abstract_params = {"policy": _abstract_params(models.policy, LanguageModel),
+                     "value": _abstract_params(models.value, ScalarModel)}
+  P = PartitionSpec
+  specs = dict(params=p_specs,
+               opt_state={name: common.opt_state_specs(optimizers[name], abstract_params[name],
+                                                       p_specs[name]) for name in p_specs},
+               step=P(), rng=P(), kl_coef=P(), bad_steps=P())
+  shardings = parallel.named(layout.mesh, specs)
+  shapes = jax.eval_shape(lambda p, v: ppo.init_state(p, v, optimizers, cfg, seed),
+                          abstract_params["policy"], abstract_params["value"])
+  return common.abstract_with_shardings(shapes, shardings), shardings
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def ptx_sharding(mesh) -> NamedSharding:
+  """[minibatches, rows, T]: the rows of each minibatch over the batch axes."""
+  return NamedSharding(mesh, PartitionSpec(None, parallel.BATCH_AXES, None))
+
+
+def _rollout(prompt_tokens, prompt_mask, response_tokens, response_mask) -> dict[str, jax.Array]:
+  """The objective's rollout layout from left-padded prompts and the sampler's responses."""
+  return dict(tokens=jnp.concatenate([prompt_tokens, response_tokens], axis=1),
+              mask=jnp.concatenate([prompt_mask.astype(jnp.int32), response_mask], axis=1),
+              response_mask=response_mask)
+
+
+@dataclasses.dataclass
+class Phases:
+  rollout: Sampler   # (policy params, prompt tokens, prompt mask, key) -> SampleOutput
+  score: Callable    # (params, frozen, prompt tokens/mask, response tokens/mask) -> rollout
+  advantage: Callable  # (scored rollout, kl_coef) -> (rollout, metrics)
+  update: Callable   # (state, rollout, ptx | None) -> (state, metrics); state donated
+
+
+def jit_phases(config, layout, models: Models, frozen, shardings, optimizers,
+               cfg: ppo.PPOConfig, tokenizer) -> Phases:
+  """The four phases, jitted with explicit shardings: every per-episode array is split over the
+  batch axes (data x fsdp), parameters and optimizer states follow their specs."""
+  s, mesh = config.sampling, layout.mesh
+  sampler = Sampler(models.policy.graphdef,
+                    SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                   top_k=s.top_k, top_p=s.top_p),
+                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=mesh,
+                    param_shardings=models.policy.param_shardings, rules=layout.rules)
+
+  def score(params, frozen, prompt_tokens, prompt_mask, response_tokens, response_mask):
+    rollout = _rollout(prompt_tokens, prompt_mask, response_tokens, response_mask)
+    return ppo.score_phase(params, frozen, rollout,
+                           policy_graphdef=models.policy.graphdef,
+                           value_graphdef=models.value.graphdef,
+                           reward_graphdef=models.reward.graphdef, cfg=cfg,
+                           eos_id=tokenizer.eos_id)
+
+  # Every rollout array has the episode as its leading dimension: one sharding fits them all.
+  episodes = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES))
+  whole = parallel.replicated(mesh)
+  frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+  score_jit = jax.jit(score, in_shardings=(shardings["params"], frozen_shardings, episodes,
+                                           episodes, episodes, episodes),
+                      out_shardings=episodes)
+  advantage_jit = jax.jit(functools.partial(ppo.advantage_phase, cfg=cfg),
+                          in_shardings=(episodes, whole), out_shardings=(episodes, whole))
+  update = functools.partial(ppo.ppo_update, policy_graphdef=models.policy.graphdef,
+                             value_graphdef=models.value.graphdef, optimizers=optimizers,
+                             cfg=cfg)
+  update_jit = jax.jit(update, in_shardings=(shardings, episodes, ptx_sharding(mesh)),
+                       out_shardings=(shardings, whole), donate_argnums=0)
+  return Phases(sampler, score_jit, advantage_jit, update_jit)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _to_host(tree):
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def rollout_gold_score(task, tokenizer, prompts: list[dict], indices, response_tokens,
+                       response_mask) -> float:
+  """Mean gold score of the rollout's responses (their text, EOS and padding dropped), each
+  against the full text of its prompt."""
+  indices, tokens, mask = _to_host((indices, response_tokens, response_mask))
+  scores = []
+  for index, row, real in zip(np.asarray(indices), np.asarray(tokens), np.asarray(mask)):
+    ids = [t for t, m in zip(row, real) if m]
+    scores.append(task.score(prompts[int(index)]["prompt"], tokenizer.decode(ids)))
+  return float(np.mean(scores))
+
+
+def host_scalars(metrics) -> dict[str, float]:
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
+
+
+def named_metrics(rollout_metrics: dict[str, float], update_metrics: dict[str, float]):
+  """Both phases' metrics, with the names the evaluation's curves and the report read."""
+  out = dict(rollout_metrics)
+  out.update(update_metrics)
+  out.update(rm_score=rollout_metrics["score"], rm_score_raw=rollout_metrics["score_raw"],
+             kl=rollout_metrics["kl_sequence"], beta=update_metrics["kl_coef"],
+             ended_fraction=rollout_metrics["eos_fraction"])
+  return out
+
+
+def evaluate(config, task, state, models: Models, tokenizer, layout, ptx_eval, eval_step):
+  """Held-out: greedy gold score on "eval" prompts (synthetic task) and pretraining loss."""
+  out = {}
+  policy = state["params"]["policy"]
+  if task is not None:
+    out.update(sft_eval.gold_score_eval(config, task, policy, models.policy,
+                                        tokenizer, layout))
+  if ptx_eval is not None:
+    losses = run_eval(eval_step, policy, ptx_eval, layout, config.ptx.eval_batches)
+    out.update(eval_ptx_loss=losses["eval_loss"], eval_ptx_perplexity=losses["eval_perplexity"])
+  return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _create_state(config, layout, models, optimizers, cfg, shardings):
+  """A fresh state: the SFT policy and the initial value model, with new optimizer states."""
+  _, policy = comparisons.load_policy(config, layout, models.policy.cfg)
+  value = initial_value_params(config, layout, models)
+  init = lambda p, v: ppo.init_state(p, v, optimizers, cfg, config.seed)
+  state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(policy, value)
+  print(f"[{config.stage}] policy and reference from {config.init_from}; value "
+        f"({config.ppo.value_init}) and reward from {config.reward_from}", flush=True)
+  return state
+
+
+def _timed(window: dict[str, float], phase: str, outputs, started: float) -> float:
+  """Waits for a phase's outputs and adds its seconds to the window; returns the time now."""
+  jax.block_until_ready(outputs)
+  now = time.perf_counter()
+  window[phase] += now - started
+  return now
+
+
+def rollout_key(state_rng, iteration: int):
+  return jax.random.fold_in(jax.random.fold_in(state_rng, _ROLLOUT_SALT), iteration)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) PPO-ptx in `workdir` for `config.iterations`; returns the final metrics."""
+  cfg = ppo_config(config)
+  layout = common.Layout.from_config(config)
+  check_config(config, cfg, layout)
+  tokenizer = common.tokenizer_from_config(config)
+  model_cfg = common.model_config(config, tokenizer)
+  common.check_seq_len(model_cfg, config.sampling.prompt_len + config.sampling.max_new_tokens,
+                       "config.sampling.prompt_len + max_new_tokens")
+  if config.ptx.source != "none":
+    common.check_seq_len(model_cfg, config.ptx.seq_len, "config.ptx.seq_len")
+  task = synthetic_task(config) if config.data.source == "synthetic" else None
+  minibatches = cfg.ppo_epochs * cfg.num_minibatches
+  optimizers, schedules = make_optimizers(config, config.iterations * minibatches)
+  data = datasets(config, workdir, tokenizer, task, cfg)
+
+  with layout.scope():
+    models, frozen = load_models(config, layout, model_cfg)
+    abstract, shardings = state_shardings(models, optimizers, layout, cfg, config.seed)
+    phases = jit_phases(config, layout, models, frozen, shardings, optimizers, cfg, tokenizer)
+    eval_step = jax.jit(functools.partial(sft.eval_step, graphdef=models.policy.graphdef),
+                        in_shardings=(models.policy.param_shardings,
+                                      parallel.batch_sharding(layout.mesh)),
+                        out_shardings=parallel.replicated(layout.mesh))
+    ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", save_every=config.save_every,
+                                   keep=config.keep_checkpoints,
+                                   async_save=config.async_checkpoints)
+    state, _ = loop.restore_or_init(
+        config.stage, ckpt, abstract,
+        lambda: _create_state(config, layout, models, optimizers, cfg, shardings), data.streams)
+    common.save_json(f"{workdir}/config.json", config.to_dict())
+    steps_done = int(state["step"])
+    if steps_done % minibatches:
+      raise InputError(f"{workdir}/checkpoints", f"step {steps_done} is not a whole number of "
+                       f"iterations of {minibatches} minibatches; were ppo_epochs or "
+                       "num_minibatches changed?")
+    start = steps_done // minibatches
+    run_evaluation = lambda state: evaluate(config, task, state, models, tokenizer, layout,
+                                            data.ptx_eval, eval_step)
+    writer = MetricWriter(workdir, config.stage)
+    progress = Progress(config.stage, config.iterations, start_step=start)
+    final: dict[str, Any] = {}
+    if start == 0 and config.eval_at_start:
+      final.update(run_evaluation(state))
+      writer.write(0, final)
+    # Seconds per phase and per whole iteration (data included; logging, evaluation and
+    # checkpoints excluded), summed over the iterations since the last log step.
+    window = dict.fromkeys((*PHASES, "iteration"), 0.0)
+    window_iterations = 0
+
+    for iteration in range(start + 1, config.iterations + 1):
+      iteration_started = time.perf_counter()
+      batch = next(data.streams.prompts)
+      indices = batch.pop("index")
+      prompts = parallel.global_batch(batch, layout.mesh)
+      ptx_local = next_ptx_batch(data.streams, minibatches)
+      ptx_rows = None if ptx_local is None else {
+          k: jax.make_array_from_process_local_data(ptx_sharding(layout.mesh), v)
+          for k, v in ptx_local.items()}
+      key = rollout_key(state["rng"], iteration)
+
+      started = time.perf_counter()
+      sample = phases.rollout(state["params"]["policy"], prompts["tokens"], prompts["mask"], key)
+      started = _timed(window, "rollout", sample, started)
+      scored = phases.score(state["params"], frozen, prompts["tokens"], prompts["mask"],
+                            sample.tokens, sample.mask)
+      started = _timed(window, "score", scored, started)
+      rollout, rollout_metrics = phases.advantage(scored, state["kl_coef"])
+      started = _timed(window, "advantage", rollout, started)
+      state, update_metrics = phases.update(state, rollout, ptx_rows)
+      done = _timed(window, "update", state, started)
+      window["iteration"] += done - iteration_started
+      window_iterations += 1
+
+      is_last = iteration == config.iterations
+      log_now = iteration % config.log_every == 0 or is_last
+      save_now = ckpt.should_save(iteration) or is_last
+      if log_now or save_now:
+        grad_norm = update_metrics["policy_grad_norm"] + update_metrics["value_grad_norm"]
+        loop.stop_if_nonfinite(state, dict(update_metrics, grad_norm=grad_norm), iteration)
+      if log_now:
+        host = named_metrics(host_scalars(rollout_metrics), host_scalars(update_metrics))
+        host.update({f"{name}_s": seconds / window_iterations for name, seconds in window.items()})
+        host.update(rollouts_per_second=(window_iterations * config.rollout_batch_size
+                                         / max(window["iteration"], 1e-9)),
+                    learning_rate=float(schedules["policy"](int(state["step"]) - 1)),
+                    optimizer_steps=float(int(state["step"])))
+        if task is not None:
+          host["gold_score"] = rollout_gold_score(task, tokenizer, data.records, indices,
+                                                  sample.tokens, sample.mask)
+        host.update(loop.summed_over_processes(dict(truncated_prompts=data.stats.truncated)))
+        writer.write(iteration, host)
+        progress.update(iteration, loss=host["loss"])
+        final.update(host)
+        window = dict.fromkeys(window, 0.0)
+        window_iterations = 0
+      if iteration % config.eval_every == 0 or is_last:
+        evals = run_evaluation(state)
+        writer.write(iteration, evals)
+        final.update(evals)
+      if save_now:
+        ckpt.save(iteration, state, {"data": data.streams.get_state(), "stage": config.stage},
+                  force=is_last)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return final
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The entry for `experiments.run` (config.stage == "ppo")."""
+  return train(config, workdir)
