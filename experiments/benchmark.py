@@ -1,19 +1,72 @@
-"""Throughput benchmarks: `python -m experiments.benchmark <subcommand> [flags]`.
+"""Throughput, MFU, compile time and memory of every stage's step:
+`python -m experiments.benchmark [sft|reward|sampling|ppo|all] [flags] [--json out.json]`.
 
-Subcommands:
-  sampling   new tokens/s of the KV-cached decode vs the uncached recompute, the prefill time,
-             ms per decode step and the analytic FLOPs per step.
+Stages (random-init models, synthetic batches; the reference shape is the default: GPT-2-like,
+4 layers, d_model 256, 4 heads, d_ff 1024, vocab 512, seq 128, batch 16, float32):
+  sft       one AdamW step of `objectives.sft.train_step` on [batch, seq] tokens, every token a
+            target. Throughput: tokens/s = batch * seq / step time.
+  reward    one AdamW step of `objectives.reward.train_step` on a K-way ranking batch of `batch`
+            sequences = batch / K prompts x K responses (K = --k, default 4), each of `seq`
+            tokens. Throughput: pairs/s, a pair being one comparison (C(K, 2) per prompt: 16
+            sequences = 4 prompts x 6 pairs = 24 pairs per step). A pairwise trainer (TRL's
+            RewardTrainer) runs 2 sequences per pair, so `seq_pairs/s` = sequences / 2 / s is also
+            reported: it is the number to compare with such trainers.
+  sampling  KV-cached decode (`sampling.Sampler`, greedy) of --new_tokens after --prompt_len;
+            throughput: new tokens/s (prefill included). Also reports the uncached recompute.
+  ppo       one PPO-ptx iteration (`objectives.ppo`) with a random-init policy, reference, value
+            and reward model of the same shape: --ppo_rollouts prompts of --ppo_prompt_len tokens
+            sampled to --ppo_new_tokens (rollout), `score_phase` + `advantage_phase` (score),
+            `ppo_update` with --ppo_epochs x --ppo_minibatches steps, each with as many ptx rows
+            as rollout rows, of --ptx_seq tokens (default P + N) (update). Throughput: rollouts/s of the whole iteration, and of each phase.
+  all       every stage, each in a fresh subprocess (so peak memory is per stage), one table.
 
-Each subcommand registers an argument builder and a runner in `SUBCOMMANDS`; a new one (sft,
-reward, ppo) adds its own pair. Timings are taken after a warm-up call (compilation excluded) and
-reported as the median over `--runs` calls; `--json` also writes them to a file.
+Timing: each step is compiled first (compile time = trace + lower + compile), run once to warm
+up, then `--runs` times back to back, as a training loop runs it. Right after, in the same
+process, the benchmark times `--runs` samples of two float32 matmuls (bfloat16 on GPU/TPU): a
+large one (2048^3 on CPU, 8192^3 on an accelerator) and one at the model's own MLP shape,
+(batch*seq) x d_model x d_ff. Reported: the median step time (and min/max), and medians of the
+rates. Each run also records the process's CPU time (user + sys), so a loaded machine can
+be read too: the `cpu` MFU compares FLOPs per CPU-second of the step with those of the matmul.
+
+Model FLOPs (`forward_flops`) count the matrix multiplications the code runs, exactly:
+  per token and layer:   projections 2 * d * (N + 2 K) * h  +  output 2 * N * h * d
+                         MLP         2 * m * d * f   (m = 2 for GELU, 3 for SwiGLU)
+                         attention   2 * 2 * N * h * S   (q.k and p.v over S keys; causal masking
+                                     does not skip work, so S is the full length, or the cache
+                                     length with a KV cache)
+  per unembedded position  2 * d * V;   per scalar-head position  2 * d.
+Norms, biases, softmax, GELU, the embedding gather and the optimizer are not counted. Training is
+3x the forward: each matmul has a forward, an input-gradient and a weight-gradient product of the
+same size (the embedding's input gradient is a scatter, not a matmul, and is not counted, but
+the first layer's input gradient is computed to reach the embedding, so every layer is 3x).
+With N * h = d and no GQA this is the usual per-token training count
+  6 * P_matmul + 12 * L * d * S,   P_matmul = L * (4 d^2 + 2 d f) + d V,
+e.g. at the reference shape 6 * 3,276,800 + 12 * 4 * 256 * 128 = 21.2 MFLOP/token, 43.5 GFLOP
+per 2048-token SFT step. A decode step's FLOPs (`decode_step_flops`) are one token per row over
+the whole cache. MFU = model FLOPs / step time / the large matmul's measured FLOP/s.
+
+Peak memory: the device's `peak_bytes_in_use` (`metrics.device_memory_stats`) where the backend
+reports it (GPU, TPU); on CPU the process's peak RSS (`resource.getrusage`), which includes the
+Python process and jax itself (~0.4-0.6 GB), so `all` runs each stage in its own process.
+
+glibc on Linux hands XLA's large per-step buffers back to the OS after every step and page-faults
+them in again (hundreds of MB of minor faults per SFT step). Run as a script, the benchmark
+re-executes itself with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge pages for
+malloc), which cuts those faults ~200x; `--no_hugetlb` turns this off. Export the same variable
+for CPU training runs.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
+import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -22,9 +75,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from instructjax import sampling
+from experiments import host
+from instructjax import metrics, sampling
 from instructjax.models.config import ModelConfig
-from instructjax.models.decoder import LanguageModel
+from instructjax.models.decoder import LanguageModel, ScalarModel
+from instructjax.objectives import ppo, reward, sft
+
+STAGES = ("sft", "reward", "sampling", "ppo")
+HUGETLB = host.HUGETLB
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
 def time_call(fn: Callable[[], Any], runs: int) -> list[float]:
@@ -38,57 +105,340 @@ def time_call(fn: Callable[[], Any], runs: int) -> list[float]:
   return times
 
 
+def timed(fn: Callable[[], Any]) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds) of one call, its outputs blocked on."""
+  wall, cpu = time.perf_counter(), cpu_seconds()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - wall, cpu_seconds() - cpu
+
+
 def summary(times: list[float]) -> dict[str, float]:
   return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
+class MatmulProbe:
+  """The device's measured matmul rate: a large square matmul and one at the model's MLP shape.
+
+  Each `sample()` times both once (several calls for the small one, whose single call is too
+  short to time on its own) and records FLOP/s by wall clock and by process CPU time.
+  """
+
+  def __init__(self, model_shape: tuple[int, int, int]):
+    accelerator = jax.default_backend() != "cpu"
+    self.dtype = jnp.bfloat16 if accelerator else jnp.float32
+    n = 8192 if accelerator else 2048
+    self.shapes = {"large": (n, n, n), "model": tuple(model_shape)}
+    rng = np.random.default_rng(0)
+    self._fns, self.flops = {}, {}
+    for name, (m, k, n_) in self.shapes.items():
+      a = jnp.asarray(rng.standard_normal((m, k)), self.dtype)
+      b = jnp.asarray(rng.standard_normal((k, n_)), self.dtype)
+      matmul = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+      self._fns[name] = functools.partial(matmul, a, b)
+      self.flops[name] = 2 * m * k * n_
+    self._repeats = {name: 1 for name in self.shapes}
+    for name, fn in self._fns.items():  # warm up, then size the repeats to ~20 ms per sample
+      jax.block_until_ready(fn())
+      wall, _ = timed(fn)
+      self._repeats[name] = max(1, min(50, int(0.02 / max(wall, 1e-6))))
+    self.wall_rates = {name: [] for name in self.shapes}
+    self.cpu_rates = {name: [] for name in self.shapes}
+
+  def sample(self) -> None:
+    for name, fn in self._fns.items():
+      repeats = self._repeats[name]
+      wall, cpu = timed(lambda: [fn() for _ in range(repeats)])
+      self.wall_rates[name].append(repeats * self.flops[name] / wall)
+      self.cpu_rates[name].append(repeats * self.flops[name] / max(cpu, 1e-9))
+
+  def result(self) -> dict[str, Any]:
+    out = {"dtype": jnp.dtype(self.dtype).name}
+    for name, shape in self.shapes.items():
+      out[name] = {"shape": list(shape),
+                   "gflops_per_s": statistics.median(self.wall_rates[name]) / 1e9,
+                   "gflops_per_s_spread": [min(self.wall_rates[name]) / 1e9,
+                                           max(self.wall_rates[name]) / 1e9],
+                   "gflops_per_cpu_s": statistics.median(self.cpu_rates[name]) / 1e9}
+    return out
+
+
+def measure(phases: dict[str, Callable[[], Any]], runs: int, probe: MatmulProbe | None
+            ) -> dict[str, dict[str, Any]]:
+  """Runs the phases in order `runs` times after one warm-up round, then samples the matmul probe
+  `runs` times. Returns per phase the wall and CPU seconds of every run.
+
+  The probe is not interleaved with the steps: with glibc's huge-page malloc, the first step
+  after a different program's allocations pays the kernel's page compaction (+0.5 CPU-s at the
+  reference shape, measured), which a training loop that only runs its step never sees.
+  """
+  for fn in phases.values():
+    jax.block_until_ready(fn())
+  walls = {name: [] for name in phases}
+  cpus = {name: [] for name in phases}
+  for _ in range(runs):
+    for name, fn in phases.items():
+      wall, cpu = timed(fn)
+      walls[name].append(wall)
+      cpus[name].append(cpu)
+  if probe is not None:
+    for _ in range(runs):
+      probe.sample()
+  return {name: {"wall": walls[name], "cpu": cpus[name]} for name in phases}
+
+
+def compile_timed(jitted, *args) -> tuple[Any, float]:
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def peak_memory() -> dict[str, Any]:
+  """Device peak bytes where the backend reports them, else the process's peak RSS."""
+  stats = metrics.device_memory_stats()
+  if stats.get("peak_bytes_in_use") is not None:
+    return {"kind": "device peak", "bytes": stats["peak_bytes_in_use"]}
+  # Linux reports ru_maxrss in KiB.
+  return {"kind": "process peak RSS", "bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+          * 1024}
+
+
 # ---------------------------------------------------------------------------------------------
-# sampling
+# Model FLOPs (see the module docstring)
 # ---------------------------------------------------------------------------------------------
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def forward_flops(cfg: ModelConfig, positions: int, keys: int, unembedded: int = 0,
+                  scalar_positions: int = 0) -> int:
+  """Matmul FLOPs of one forward over `positions` tokens (summed over the batch), each attending
+  over `keys` slots, with `unembedded` positions through the LM head and `scalar_positions`
+  through a scalar head."""
+  d, h, f = cfg.d_model, cfg.head_dim, cfg.d_ff
+  projections = 2 * d * (cfg.n_heads + 2 * cfg.n_kv_heads) * h + 2 * cfg.n_heads * h * d
+  mlp = 2 * (3 if cfg.mlp == "swiglu" else 2) * d * f
+  attention = 2 * 2 * cfg.n_heads * h * keys
+  per_position = cfg.n_layers * (projections + mlp + attention)
+  return (positions * per_position + unembedded * 2 * d * cfg.vocab_size
+          + scalar_positions * 2 * d)
+
+
+def decode_step_flops(cfg: ModelConfig, batch: int, cache_len: int) -> int:
+  """Matmul FLOPs of one single-token decode step over the whole cache (what the code runs:
+  attention is not restricted to the filled slots)."""
+  return forward_flops(cfg, batch, cache_len, unembedded=batch)
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+  """P_matmul of the docstring: weights that enter a matmul (the LM head counted once)."""
+  d, h, f = cfg.d_model, cfg.head_dim, cfg.d_ff
+  per_layer = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * h + cfg.n_heads * h * d + (
+      3 if cfg.mlp == "swiglu" else 2) * d * f
+  return cfg.n_layers * per_layer + d * cfg.vocab_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared flags and helpers
+# ---------------------------------------------------------------------------------------------
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+  """Every flag, for every stage (`all` passes them on to each stage)."""
   parser.add_argument("--flavour", default="gpt2", choices=["gpt2", "llama"])
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--d_model", type=int, default=256)
   parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--d_ff", type=int, default=None, help="default 4 * d_model")
   parser.add_argument("--vocab", type=int, default=512)
+  parser.add_argument("--seq", type=int, default=128, help="sequence length (sft, reward, ptx)")
+  parser.add_argument("--batch", type=int, default=16, help="sequences per step (all stages)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-
-
-def add_sampling_args(parser: argparse.ArgumentParser) -> None:
-  add_model_args(parser)
-  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--scan_unroll", type=int, default=1, help="ModelConfig.scan_unroll")
+  parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+  parser.add_argument("--runs", type=int, default=5)
+  parser.add_argument("--json", default=None, help="also write the results to this file")
+  parser.add_argument("--no_probe", action="store_true",
+                      help="skip the matmul-rate probe (no MFU)")
+  # sft
+  parser.add_argument("--compile_depths", default="4,16",
+                      help="layer counts whose SFT step compile time is reported ('' = skip)")
+  # reward
+  parser.add_argument("--k", type=int, default=4, help="responses per prompt in a reward batch")
+  # sampling
   parser.add_argument("--prompt_len", type=int, default=32)
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--temperature", type=float, default=1.0)
   parser.add_argument("--top_k", type=int, default=0)
   parser.add_argument("--top_p", type=float, default=1.0)
   parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-  parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--skip_uncached", action="store_true")
-  parser.add_argument("--json", default=None, help="also write the results to this file")
+  # ppo
+  parser.add_argument("--ppo_rollouts", type=int, default=16)
+  parser.add_argument("--ppo_prompt_len", type=int, default=32)
+  parser.add_argument("--ppo_new_tokens", type=int, default=32)
+  parser.add_argument("--ppo_epochs", type=int, default=4)
+  parser.add_argument("--ppo_minibatches", type=int, default=1)
+  parser.add_argument("--ptx_coef", type=float, default=27.8, help="0 = plain PPO, no ptx rows")
+  parser.add_argument("--ptx_seq", type=int, default=None,
+                      help="ptx row length; default the rollout's, ppo_prompt_len + ppo_new_tokens")
+  # all
+  parser.add_argument("--no_hugetlb", action="store_true",
+                      help="do not re-execute with GLIBC_TUNABLES=glibc.malloc.hugetlb=1")
 
 
-def decode_step_flops(cfg: ModelConfig, batch: int, cache_len: int) -> int:
-  """Matmul FLOPs of one single-token decode step over the whole cache (what the code runs:
-  attention is not restricted to the filled slots)."""
-  d, h, f = cfg.d_model, cfg.head_dim, cfg.d_ff
-  projections = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * h + cfg.n_heads * h * d
-  mlp = (3 if cfg.mlp == "swiglu" else 2) * d * f
-  attention = 2 * cfg.n_heads * h * cache_len  # q.k over the cache, then p.v
-  per_token = cfg.n_layers * (projections + mlp + attention) + d * cfg.vocab_size
-  return 2 * batch * per_token
+def model_config(args: argparse.Namespace, max_len: int) -> ModelConfig:
+  return ModelConfig(flavour=args.flavour, vocab_size=args.vocab, d_model=args.d_model,
+                     n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff,
+                     max_len=max(max_len, 64), dtype=args.dtype, scan_unroll=args.scan_unroll,
+                     remat=args.remat)
 
+
+def split(model) -> tuple[nnx.GraphDef, Any]:
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def shape_of(args: argparse.Namespace, cfg: ModelConfig) -> dict[str, Any]:
+  return dict(flavour=cfg.flavour, layers=cfg.n_layers, d_model=cfg.d_model, heads=cfg.n_heads,
+              d_ff=cfg.d_ff, vocab=cfg.vocab_size, seq=args.seq, batch=args.batch,
+              dtype=cfg.dtype, scan_unroll=cfg.scan_unroll, remat=cfg.remat)
+
+
+def random_tokens(rng: np.random.Generator, shape, vocab: int) -> jax.Array:
+  return jnp.asarray(rng.integers(0, vocab, shape), jnp.int32)
+
+
+def make_probe(args, model_shape) -> MatmulProbe | None:
+  return None if args.no_probe else MatmulProbe(model_shape)
+
+
+def phase_row(name: str, timing: dict[str, list[float]], flops: float, units: float,
+              unit: str, probe: MatmulProbe | None, compile_s: float | None = None
+              ) -> dict[str, Any]:
+  """One table row: times, throughput and MFU from a phase's runs."""
+  wall = summary(timing["wall"])
+  cpu_s = statistics.median(timing["cpu"])
+  row = dict(stage=name, **wall, cpu_s=cpu_s, throughput=units / wall["median_s"], unit=unit,
+             best_throughput=units / wall["min_s"], model_gflop=flops / 1e9,
+             gflops_per_s=flops / wall["median_s"] / 1e9, compile_s=compile_s)
+  if probe is not None and flops:
+    large = probe.result()["large"]
+    row["mfu"] = row["gflops_per_s"] / large["gflops_per_s"]
+    row["mfu_cpu"] = flops / max(cpu_s, 1e-9) / 1e9 / large["gflops_per_cpu_s"]
+  return row
+
+
+def finish(stage: str, args, cfg, rows, probe, extra=None) -> dict[str, Any]:
+  result = {"stage": stage, "shape": shape_of(args, cfg), "backend": jax.default_backend(),
+            "devices": jax.device_count(), "hugetlb": HUGETLB in os.environ.get(
+                "GLIBC_TUNABLES", ""),
+            "load_average": os.getloadavg(), "rows": rows, "peak_memory": peak_memory()}
+  if probe is not None:
+    result["matmul"] = probe.result()
+  result.update(extra or {})
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
+# sft
+# ---------------------------------------------------------------------------------------------
+
+def sft_step_and_state(cfg: ModelConfig):
+  graphdef, params = split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
+  schedule = sft.learning_rate_schedule(1e-4, 10, 1000)
+  optimizer = sft.make_optimizer(schedule, weight_decay=0.01)
+  state = sft.init_state(params, optimizer, 0)
+  step = jax.jit(functools.partial(sft.train_step, graphdef=graphdef, optimizer=optimizer,
+                                   schedule=schedule), donate_argnums=0)
+  return step, state
+
+
+def stateful(compiled, state, batch):
+  """A zero-argument call of a donating step that threads its state through."""
+  holder = [state]
+
+  def call():
+    holder[0], step_metrics = compiled(holder[0], batch)
+    return step_metrics["loss"]
+  return call
+
+
+def compile_scaling(args, depths: list[int], known: dict[int, float]) -> dict[str, float]:
+  """Compile seconds of the SFT step per layer count (scanned layers: should stay flat); depths
+  in `known` are not compiled again."""
+  rng = np.random.default_rng(0)
+  tokens = random_tokens(rng, (args.batch, args.seq), args.vocab)
+  batch = dict(tokens=tokens, mask=jnp.ones_like(tokens), loss_mask=jnp.ones_like(tokens))
+  out = {}
+  for depth in depths:
+    if depth in known:
+      out[str(depth)] = known[depth]
+      continue
+    cfg = model_config(argparse.Namespace(**{**vars(args), "layers": depth}), args.seq)
+    step, state = sft_step_and_state(cfg)
+    _, seconds = compile_timed(step, state, batch)
+    out[str(depth)] = seconds
+  return out
+
+
+def run_sft(args: argparse.Namespace) -> dict[str, Any]:
+  cfg = model_config(args, args.seq)
+  rng = np.random.default_rng(0)
+  tokens = random_tokens(rng, (args.batch, args.seq), args.vocab)
+  batch = dict(tokens=tokens, mask=jnp.ones_like(tokens), loss_mask=jnp.ones_like(tokens))
+  step, state = sft_step_and_state(cfg)
+  compiled, compile_s = compile_timed(step, state, batch)
+  probe = make_probe(args, (args.batch * args.seq, cfg.d_model, cfg.d_ff))
+  timing = measure({"sft": stateful(compiled, state, batch)}, args.runs, probe)
+  n_tokens = args.batch * args.seq
+  flops = 3 * forward_flops(cfg, n_tokens, args.seq, unembedded=n_tokens)
+  rows = [phase_row("sft", timing["sft"], flops, n_tokens, "tokens/s", probe, compile_s)]
+  depths = [int(d) for d in args.compile_depths.split(",") if d.strip()]
+  extra = {"compile_s_by_layers": compile_scaling(args, depths, {args.layers: compile_s})} if depths else {}
+  return finish("sft", args, cfg, rows, probe, extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# reward
+# ---------------------------------------------------------------------------------------------
+
+def reward_batch(args, rng: np.random.Generator) -> dict[str, jax.Array]:
+  """batch / K prompts of K responses each, all real, all ranks distinct (C(K, 2) pairs)."""
+  if args.batch % args.k or args.k < 2:
+    raise SystemExit(f"--batch {args.batch} must be a multiple of --k {args.k} >= 2")
+  prompts = args.batch // args.k
+  tokens = random_tokens(rng, (prompts, args.k, args.seq), args.vocab)
+  ranks = np.stack([rng.permutation(args.k) for _ in range(prompts)]).astype(np.int32)
+  return dict(tokens=tokens, mask=jnp.ones_like(tokens), ranks=jnp.asarray(ranks),
+              valid=jnp.ones((prompts, args.k), bool))
+
+
+def run_reward(args: argparse.Namespace) -> dict[str, Any]:
+  cfg = model_config(args, args.seq)
+  batch = reward_batch(args, np.random.default_rng(0))
+  graphdef, params = split(ScalarModel(cfg, rngs=nnx.Rngs(0)))
+  schedule = reward.learning_rate_schedule(1e-5, 10, 1000)
+  optimizer = reward.make_optimizer(schedule, weight_decay=0.01)
+  state = reward.init_state(params, optimizer, 0)
+  step = jax.jit(functools.partial(reward.train_step, graphdef=graphdef, optimizer=optimizer,
+                                   schedule=schedule), donate_argnums=0)
+  compiled, compile_s = compile_timed(step, state, batch)
+  probe = make_probe(args, (args.batch * args.seq, cfg.d_model, cfg.d_ff))
+  timing = measure({"reward": stateful(compiled, state, batch)}, args.runs, probe)
+  n_tokens = args.batch * args.seq
+  # The scalar head runs at every position (the reward is read at the last one).
+  flops = 3 * forward_flops(cfg, n_tokens, args.seq, scalar_positions=n_tokens)
+  pairs = (args.batch // args.k) * math.comb(args.k, 2)
+  row = phase_row("reward", timing["reward"], flops, pairs, "pairs/s", probe, compile_s)
+  row["seq_pairs_per_s"] = args.batch / 2 / row["median_s"]
+  return finish("reward", args, cfg, [row], probe, {"k": args.k, "pairs_per_step": pairs})
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
 
 def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
   cache_len = args.prompt_len + args.new_tokens
-  cfg = ModelConfig(flavour=args.flavour, vocab_size=args.vocab, d_model=args.d_model,
-                    n_layers=args.layers, n_heads=args.heads, max_len=max(cache_len, 64),
-                    dtype=args.dtype)
-  graphdef, state = nnx.split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
-  params = nnx.to_pure_dict(state)
-  prompts = jnp.asarray(np.random.default_rng(0).integers(
-      0, args.vocab, (args.batch, args.prompt_len)), jnp.int32)
+  cfg = model_config(args, cache_len)
+  graphdef, params = split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
+  prompts = random_tokens(np.random.default_rng(0), (args.batch, args.prompt_len), args.vocab)
   mask = jnp.ones_like(prompts)
   rng = jax.random.PRNGKey(0)
   config = sampling.SamplingConfig(args.new_tokens, temperature=args.temperature,
@@ -99,76 +449,273 @@ def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
 
   prefill = jax.jit(lambda p, t, m: sampling.prefill(graphdef, p, t, m,
                                                      max_new_tokens=args.new_tokens))
-  prefill_times = summary(time_call(lambda: prefill(params, prompts, mask), args.runs))
+  prefill_compiled, _ = compile_timed(prefill, params, prompts, mask)
   cached = sampling.Sampler(graphdef, config, **ids)
+  start = time.perf_counter()
   out = cached(params, prompts, mask, rng)
+  jax.block_until_ready(out)
+  compile_s = time.perf_counter() - start  # the first call compiles (and runs once)
   assert int(out.num_steps) == args.new_tokens, "the decode must run every step"
-  cached_times = summary(time_call(lambda: cached(params, prompts, mask, rng), args.runs))
+  probe = make_probe(args, (args.batch, cfg.d_model, cfg.d_ff))
+  phases = {"prefill": lambda: prefill_compiled(params, prompts, mask),
+            "cached": lambda: cached(params, prompts, mask, rng)}
+  timing = measure(phases, args.runs, probe)
+  prefill_times = summary(timing["prefill"]["wall"])
+  cached_times = summary(timing["cached"]["wall"])
   decode_s = cached_times["median_s"] - prefill_times["median_s"]
   step_s = decode_s / max(args.new_tokens - 1, 1)
-  flops = decode_step_flops(cfg, args.batch, cache_len)
+  step_flops = decode_step_flops(cfg, args.batch, cache_len)
+  prefill_flops = forward_flops(cfg, args.batch * args.prompt_len, cache_len,
+                                unembedded=args.batch)
+  total_flops = prefill_flops + (args.new_tokens - 1) * step_flops
+  rows = [phase_row("sampling", timing["cached"], total_flops, new_tokens, "new tokens/s",
+                    probe, compile_s),
+          phase_row("  prefill", timing["prefill"], prefill_flops, args.batch * args.prompt_len,
+                    "prompt tokens/s", probe)]
   result = {
-      "shape": {k: getattr(args, k) for k in ("flavour", "batch", "prompt_len", "new_tokens",
-                                              "layers", "d_model", "heads", "vocab", "dtype")},
       "greedy": config.greedy,
-      "backend": jax.default_backend(),
-      "devices": jax.device_count(),
       "prefill_ms": 1e3 * prefill_times["median_s"],
       "cached": {**cached_times, "tokens_per_s": new_tokens / cached_times["median_s"],
                  "best_tokens_per_s": new_tokens / cached_times["min_s"]},
       "decode_step_ms": 1e3 * step_s,
-      "decode_step_mflops": flops / 1e6,
-      "decode_gflops_per_s": flops / step_s / 1e9 if step_s > 0 else float("nan"),
+      "decode_step_mflops": step_flops / 1e6,
+      "decode_gflops_per_s": step_flops / step_s / 1e9 if step_s > 0 else float("nan"),
   }
   if not args.skip_uncached:
     uncached = sampling.Sampler(graphdef, config, fn=sampling.sample_uncached, **ids)
-    uncached_times = summary(time_call(lambda: uncached(params, prompts, mask, rng), args.runs))
+    uncached_timing = measure({"uncached": lambda: uncached(params, prompts, mask, rng)},
+                              max(1, min(args.runs, 3)), None)
+    uncached_times = summary(uncached_timing["uncached"]["wall"])
     result["uncached"] = {**uncached_times,
                           "tokens_per_s": new_tokens / uncached_times["median_s"]}
-  return result
+    rows.append(phase_row("  uncached", uncached_timing["uncached"], 0, new_tokens,
+                          "new tokens/s", None))
+  out = finish("sampling", args, cfg, rows, probe, result)
+  out["shape"].update(prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+  return out
 
 
-def print_sampling(result: dict[str, Any]) -> None:
-  shape = result["shape"]
-  print(f"sampling {shape} greedy={result['greedy']} on {result['devices']} "
-        f"{result['backend']} device(s)")
-  print(f"  prefill           {result['prefill_ms']:8.2f} ms")
-  c = result["cached"]
-  print(f"  cached decode     {c['tokens_per_s']:10.0f} new tokens/s (median; best "
-        f"{c['best_tokens_per_s']:.0f})  total {1e3 * c['median_s']:.1f} ms")
-  print(f"  per decode step   {result['decode_step_ms']:8.3f} ms  "
-        f"({result['decode_step_mflops']:.1f} MFLOP, {result['decode_gflops_per_s']:.1f} GFLOP/s)")
-  if "uncached" in result:
-    u = result["uncached"]
-    print(f"  uncached decode   {u['tokens_per_s']:10.0f} new tokens/s (median)  "
-          f"total {1e3 * u['median_s']:.1f} ms  -> cache speed-up "
-          f"{c['tokens_per_s'] / u['tokens_per_s']:.1f}x")
+# ---------------------------------------------------------------------------------------------
+# ppo
+# ---------------------------------------------------------------------------------------------
+
+def run_ppo(args: argparse.Namespace) -> dict[str, Any]:
+  B, P, N = args.ppo_rollouts, args.ppo_prompt_len, args.ppo_new_tokens
+  T = P + N
+  cfg = model_config(args, max(T, args.ptx_seq or T))
+  policy_graphdef, policy = split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
+  reference = jax.tree.map(lambda x: x.copy(), policy)
+  value_graphdef, value = split(ScalarModel(cfg, rngs=nnx.Rngs(1)))
+  reward_graphdef, reward_params = split(ScalarModel(cfg, rngs=nnx.Rngs(2)))
+  ppo_cfg = ppo.PPOConfig(ppo_epochs=args.ppo_epochs, num_minibatches=args.ppo_minibatches,
+                          ptx_coef=args.ptx_coef)
+  frozen = dict(reference=reference, reward=reward_params, reward_gain=jnp.float32(1.0),
+                reward_bias=jnp.float32(0.0))
+  schedule = sft.learning_rate_schedule(1e-5, 0, 1000, decay="constant")
+  optimizers = {"policy": sft.make_optimizer(schedule), "value": sft.make_optimizer(schedule)}
+  state0 = ppo.init_state(policy, value, optimizers, ppo_cfg, seed=0)
+
+  rng = np.random.default_rng(0)
+  prompts = random_tokens(rng, (B, P), args.vocab)
+  prompt_mask = jnp.ones_like(prompts)
+  steps = args.ppo_epochs * args.ppo_minibatches
+  ptx = None
+  ptx_seq = args.ptx_seq or T
+  if args.ptx_coef:
+    # As many pretraining rows per optimiser step as rollout rows, of the rollout's length.
+    ptx_tokens = random_tokens(rng, (steps, B // args.ppo_minibatches, ptx_seq), args.vocab)
+    ptx = dict(tokens=ptx_tokens, mask=jnp.ones_like(ptx_tokens),
+               loss_mask=jnp.ones_like(ptx_tokens))
+
+  sampler = sampling.Sampler(policy_graphdef, sampling.SamplingConfig(N), eos_id=-1, pad_id=0)
+  score = jax.jit(functools.partial(ppo.score_phase, policy_graphdef=policy_graphdef,
+                                    value_graphdef=value_graphdef,
+                                    reward_graphdef=reward_graphdef, cfg=ppo_cfg, eos_id=None))
+  advantage = jax.jit(functools.partial(ppo.advantage_phase, cfg=ppo_cfg))
+  update = jax.jit(functools.partial(ppo.ppo_update, policy_graphdef=policy_graphdef,
+                                     value_graphdef=value_graphdef, optimizers=optimizers,
+                                     cfg=ppo_cfg), donate_argnums=0)
+
+  # Compile every phase once, on the first rollout.
+  start = time.perf_counter()
+  out = jax.block_until_ready(sampler(state0["params"]["policy"], prompts, prompt_mask,
+                                      jax.random.PRNGKey(0)))
+  rollout_compile_s = time.perf_counter() - start
+  rollout = dict(tokens=jnp.concatenate([prompts, out.tokens], 1),
+                 mask=jnp.concatenate([prompt_mask, out.mask], 1), response_mask=out.mask)
+  score_c, score_compile_s = compile_timed(score, state0["params"], frozen, rollout)
+  scored = score_c(state0["params"], frozen, rollout)
+  advantage_c, advantage_compile_s = compile_timed(advantage, scored, state0["kl_coef"])
+  ready, _ = advantage_c(scored, state0["kl_coef"])
+  update_c, update_compile_s = compile_timed(update, state0, ready, ptx)
+
+  holder = {"state": state0}
+  live = {}
+
+  def do_rollout():
+    params = holder["state"]["params"]
+    sample = sampler(params["policy"], prompts, prompt_mask,
+                     jax.random.fold_in(jax.random.PRNGKey(0), holder["state"]["step"]))
+    live["rollout"] = dict(tokens=jnp.concatenate([prompts, sample.tokens], 1),
+                           mask=jnp.concatenate([prompt_mask, sample.mask], 1),
+                           response_mask=sample.mask)
+    return live["rollout"]["tokens"]
+
+  def do_score():
+    scored = score_c(holder["state"]["params"], frozen, live["rollout"])
+    live["ready"], live["metrics"] = advantage_c(scored, holder["state"]["kl_coef"])
+    return live["ready"]["advantages"]
+
+  def do_update():
+    holder["state"], update_metrics = update_c(holder["state"], live["ready"], ptx)
+    return update_metrics["loss"]
+
+  probe = make_probe(args, (B * T, cfg.d_model, cfg.d_ff))
+  timing = measure({"rollout": do_rollout, "score": do_score, "update": do_update}, args.runs,
+                   probe)
+  rollout_flops = (forward_flops(cfg, B * P, T, unembedded=B)
+                   + (N - 1) * decode_step_flops(cfg, B, T))
+  # policy and reference: logits at the N predicting positions; value and reward: scalar heads.
+  score_flops = (2 * forward_flops(cfg, B * T, T, unembedded=B * N)
+                 + 2 * forward_flops(cfg, B * T, T, scalar_positions=B * T))
+  per_step_rows = B // args.ppo_minibatches
+  update_flops = steps * 3 * (
+      forward_flops(cfg, per_step_rows * T, T, unembedded=per_step_rows * N)
+      + forward_flops(cfg, per_step_rows * T, T, scalar_positions=per_step_rows * T)
+      + (forward_flops(cfg, per_step_rows * ptx_seq, ptx_seq,
+                       unembedded=per_step_rows * ptx_seq) if ptx is not None else 0))
+  total = {"wall": [sum(x) for x in zip(*(timing[p]["wall"] for p in timing))],
+           "cpu": [sum(x) for x in zip(*(timing[p]["cpu"] for p in timing))]}
+  compile_s = rollout_compile_s + score_compile_s + advantage_compile_s + update_compile_s
+  rows = [phase_row("ppo", total, rollout_flops + score_flops + update_flops, B, "rollouts/s",
+                    probe, compile_s),
+          phase_row("  rollout", timing["rollout"], rollout_flops, B, "rollouts/s", probe,
+                    rollout_compile_s),
+          phase_row("  score", timing["score"], score_flops, B, "rollouts/s", probe,
+                    score_compile_s + advantage_compile_s),
+          phase_row("  update", timing["update"], update_flops, B, "rollouts/s", probe,
+                    update_compile_s)]
+  out = finish("ppo", args, cfg, rows, probe,
+               {"ppo": dict(rollouts=B, prompt_len=P, new_tokens=N, epochs=args.ppo_epochs,
+                            minibatches=args.ppo_minibatches, ptx_coef=args.ptx_coef,
+                            ptx_rows_per_step=per_step_rows if ptx is not None else 0,
+                            ptx_seq=ptx_seq if ptx is not None else 0)})
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# all: every stage in its own process
+# ---------------------------------------------------------------------------------------------
+
+def run_all(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+  passed = [a for a in argv if a != "all"]
+  if args.json:  # each child writes its own file; drop the parent's --json
+    i = passed.index("--json") if "--json" in passed else None
+    passed = (passed[:i] + passed[i + 2:] if i is not None
+              else [a for a in passed if not a.startswith("--json=")])
+  stages = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    for stage in STAGES:
+      path = os.path.join(tmp, f"{stage}.json")
+      command = [sys.executable, "-m", "experiments.benchmark", stage, *passed, "--json", path,
+                 "--quiet"]
+      subprocess.run(command, check=True, env=os.environ.copy(),
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      with open(path) as f:
+        stages[stage] = json.load(f)
+  return {"stage": "all", "stages": stages}
+
+
+# ---------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------
+
+def format_bytes(n: int | None) -> str:
+  return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def print_table(result: dict[str, Any]) -> None:
+  results = list(result["stages"].values()) if result["stage"] == "all" else [result]
+  first = results[0]
+  print(f"backend {first['backend']} x{first['devices']}  shape {first['shape']}  "
+        f"hugetlb={first['hugetlb']}  load average {first['load_average'][0]:.1f}")
+  for r in results:
+    if "matmul" in r:
+      m = r["matmul"]
+      print(f"  [{r['stage']}] matmul {m['dtype']}: large {m['large']['shape']} "
+            f"{m['large']['gflops_per_s']:.1f} GFLOP/s ({m['large']['gflops_per_cpu_s']:.1f} per "
+            f"CPU-s), model {m['model']['shape']} {m['model']['gflops_per_s']:.1f} GFLOP/s")
+  header = (f"{'stage':<12}{'step ms':>10}{'(min-max)':>17}{'throughput':>22}{'compile s':>11}"
+            f"{'peak mem':>11}{'GFLOP':>9}{'GFLOP/s':>9}{'MFU':>7}{'MFU cpu':>9}")
+  print(header)
+  print("-" * len(header))
+  for r in results:
+    for i, row in enumerate(r["rows"]):
+      spread = f"({1e3 * row['min_s']:.0f}-{1e3 * row['max_s']:.0f})"
+      compile_s = "-" if row.get("compile_s") is None else f"{row['compile_s']:.1f}"
+      memory = format_bytes(r["peak_memory"]["bytes"]) if i == 0 else ""
+      mfu = f"{100 * row['mfu']:.0f}%" if "mfu" in row else "-"
+      mfu_cpu = f"{100 * row['mfu_cpu']:.0f}%" if "mfu_cpu" in row else "-"
+      throughput = f"{row['throughput']:,.0f} {row['unit']}"
+      print(f"{row['stage']:<12}{1e3 * row['median_s']:>10.1f}{spread:>17}{throughput:>22}"
+            f"{compile_s:>11}{memory:>11}{row['model_gflop']:>9.2f}{row['gflops_per_s']:>9.1f}"
+            f"{mfu:>7}{mfu_cpu:>9}")
+  for r in results:
+    if r["stage"] == "reward":
+      row = r["rows"][0]
+      print(f"reward: K={r['k']}, {r['pairs_per_step']} pairs/step; as 2-sequence pairs "
+            f"(pairwise trainers): {row['seq_pairs_per_s']:.1f} pairs/s")
+    if r["stage"] == "sampling":
+      line = (f"sampling: prefill {r['prefill_ms']:.1f} ms, decode step {r['decode_step_ms']:.2f}"
+              f" ms ({r['decode_gflops_per_s']:.1f} GFLOP/s)")
+      if "uncached" in r:
+        line += (f"; KV cache speed-up over recompute "
+                 f"{r['cached']['tokens_per_s'] / r['uncached']['tokens_per_s']:.1f}x")
+      print(line)
+    if "compile_s_by_layers" in r:
+      by = ", ".join(f"{k} layers {v:.1f} s" for k, v in r["compile_s_by_layers"].items())
+      print(f"sft step compile time (scan_unroll={r['shape']['scan_unroll']}): {by}")
+  print(f"peak memory: {first['peak_memory']['kind']}; MFU = model FLOPs / step time / the "
+        f"large matmul's rate; 'MFU cpu' uses process CPU time for both (robust to load)")
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
 
-SUBCOMMANDS: dict[str, tuple[Callable, Callable, Callable]] = {
-    "sampling": (add_sampling_args, run_sampling, print_sampling),
+SUBCOMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
+    "sft": run_sft,
+    "reward": run_reward,
+    "sampling": run_sampling,
+    "ppo": run_ppo,
 }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  commands = parser.add_subparsers(dest="command", required=True)
-  for name, (add_args, _, _) in SUBCOMMANDS.items():
-    add_args(commands.add_parser(name))
-  args = parser.parse_args(argv)
-  _, run, report = SUBCOMMANDS[args.command]
-  result = run(args)
-  report(result)
-  if getattr(args, "json", None):
+  parser.add_argument("command", choices=[*SUBCOMMANDS, "all"])
+  add_args(parser)
+  parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parse(argv)
+  if args.command == "all":
+    result = run_all(args, argv)
+  else:
+    result = SUBCOMMANDS[args.command](args)
+  if not args.quiet:
+    print_table(result)
+  if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)
   return result
 
 
 if __name__ == "__main__":
+  host.reexec_with_hugetlb("experiments.benchmark", sys.argv[1:],
+                           disabled="--no_hugetlb" in sys.argv[1:])
   main(sys.argv[1:])

@@ -56,4 +56,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from experiments import host
+  host.reexec_with_hugetlb("experiments.run", sys.argv[1:])
   app.run(main)
