@@ -174,8 +174,7 @@ def simulated_responder(task: SyntheticTask, *, seed: int) -> Responder:
 def settings(config) -> dict:
   """What the collected comparisons depend on; stored with them and checked on reuse."""
   d, s = config.data, config.sampling
-  return dict(init_from=config.init_from, seed=config.seed, task_seed=config.synthetic.seed,
-              labeler_agreement=config.synthetic.labeler_agreement,
+  return dict(init_from=config.init_from, seed=config.seed, task=config.synthetic.to_dict(),
               num_train_prompts=d.num_train_prompts, num_eval_prompts=d.num_eval_prompts,
               min_k=d.min_k, max_k=d.max_k, temperature=s.temperature, top_k=s.top_k,
               top_p=s.top_p, max_new_tokens=s.max_new_tokens, prompt_len=s.prompt_len)

@@ -17,8 +17,19 @@ from instructjax.errors import InputError
 
 
 def synthetic_task(config) -> SyntheticTask:
-  return SyntheticTask(TaskConfig(seed=config.synthetic.seed,
-                                  labeler_agreement=config.synthetic.labeler_agreement))
+  """The synthetic task of `config.synthetic`; fields a config lacks keep TaskConfig's defaults."""
+  s = config.synthetic
+  fields = dict(seed=s.seed, labeler_agreement=s.labeler_agreement)
+  if s.get("instructions"):
+    fields["instructions"] = tuple(name.strip() for name in s.instructions.split(",")
+                                   if name.strip())
+  for name in ("alphabet", "max_prompt_chars"):
+    if s.get(name) is not None:
+      fields[name] = s[name]
+  for name in ("word_len", "list_len"):
+    if s.get(name) is not None:
+      fields[name] = tuple(int(v) for v in s[name])
+  return SyntheticTask(TaskConfig(**fields))
 
 
 def split_paths(value: str, where: str) -> list[str]:
