@@ -252,12 +252,7 @@ class GPT2Tokenizer(Tokenizer):
   def decode(self, ids: Sequence[int]) -> str:
     # Ids inside [0, vocab_size) that name no token (gaps in a custom vocab) decode to nothing.
     text = "".join(self._decoder.get(token_id, "") for token_id in self._ordinary_ids(ids))
-    data = bytearray()
-    for c in text:
-      byte = self._byte_decoder.get(c)
-      # A custom vocab may hold tokens outside the byte alphabet; they stand for themselves.
-      data.extend(c.encode("utf-8") if byte is None else (byte,))
-    return data.decode("utf-8", errors="replace")
+    return byte_level_text(text, self._byte_decoder)
 
   def __repr__(self) -> str:
     return f"GPT2Tokenizer({str(self._paths[0])!r}, {str(self._paths[1])!r})"
@@ -317,6 +312,18 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 TOKENIZER_KINDS = ("byte", "gpt2", "sentencepiece")
+
+
+def byte_level_text(text: str, byte_decoder: dict[str, int]) -> str:
+  """Byte-level BPE token text back to a string; bad UTF-8 becomes U+FFFD.
+
+  A custom vocab may hold characters outside the byte alphabet; they stand for themselves.
+  """
+  data = bytearray()
+  for c in text:
+    byte = byte_decoder.get(c)
+    data.extend(c.encode("utf-8") if byte is None else (byte,))
+  return data.decode("utf-8", errors="replace")
 
 
 def make_tokenizer(kind: str = "byte", path: str | pathlib.Path | None = None) -> Tokenizer:

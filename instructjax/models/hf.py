@@ -898,11 +898,7 @@ class HFJsonTokenizer(tokenizers.Tokenizer):
 
   def decode(self, ids: Sequence[int]) -> str:
     text = "".join(self._decoder.get(i, "") for i in self._ordinary_ids(ids))
-    data = bytearray()
-    for c in text:
-      byte = self._byte_decoder.get(c)
-      data.extend(c.encode("utf-8") if byte is None else (byte,))
-    return data.decode("utf-8", errors="replace")
+    return tokenizers.byte_level_text(text, self._byte_decoder)
 
   def __repr__(self) -> str:
     return f"HFJsonTokenizer({str(self._path.parent)!r})"

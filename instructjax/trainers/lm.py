@@ -11,7 +11,7 @@ from typing import Any, Callable
 import jax
 import ml_collections
 
-from instructjax import checkpoint, parallel
+from instructjax import parallel
 from instructjax.data import pipeline
 from instructjax.models.decoder import LanguageModel
 from instructjax.objectives import sft
@@ -92,9 +92,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     graphdef, abstract, shardings, init = build_model_state(config, layout, model_cfg, optimizer)
     train_step, eval_step = jit_steps(graphdef, optimizer, schedule, shardings, layout,
                                       use_dropout=model_cfg.dropout > 0)
-    ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", save_every=config.save_every,
-                                   keep=config.keep_checkpoints,
-                                   async_save=config.async_checkpoints)
+    ckpt = loop.checkpointer(config, workdir)
     data_iter = iter(train_ds)
 
     def create():

@@ -18,6 +18,12 @@ from instructjax.metrics import MetricWriter, NonFiniteLossError, Progress
 from instructjax.trainers import common
 
 
+def checkpointer(config, workdir: str) -> checkpoint.Checkpointer:
+  """The stage's checkpoint manager in `<workdir>/checkpoints`, as the config asks."""
+  return checkpoint.Checkpointer(f"{workdir}/checkpoints", save_every=config.save_every,
+                                 keep=config.keep_checkpoints, async_save=config.async_checkpoints)
+
+
 def restore_or_init(stage: str, ckpt: checkpoint.Checkpointer, abstract, create: Callable[[], Any],
                     data_iter) -> tuple[Any, dict]:
   """Resumes from the workdir's latest checkpoint (state + data position), else `create()`s."""

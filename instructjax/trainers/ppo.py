@@ -51,7 +51,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from instructjax import checkpoint, parallel
+from instructjax import parallel
 from instructjax.data import pipeline, records
 from instructjax.errors import InputError
 from instructjax.metrics import MetricWriter, Progress
@@ -474,9 +474,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         in_shardings=(models.policy.param_shardings,
                                       parallel.batch_sharding(layout.mesh)),
                         out_shardings=parallel.replicated(layout.mesh))
-    ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", save_every=config.save_every,
-                                   keep=config.keep_checkpoints,
-                                   async_save=config.async_checkpoints)
+    ckpt = loop.checkpointer(config, workdir)
     state, _ = loop.restore_or_init(
         config.stage, ckpt, abstract,
         lambda: _create_state(config, layout, models, optimizers, cfg, shardings), data.streams)
