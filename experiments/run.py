@@ -14,29 +14,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
 
 
-# config.stage -> the module under instructjax/trainers whose `run(config, workdir)` runs it.
-STAGES = {
-    "pretrain": "lm",
-    "sft": "lm",
-    "reward": "reward",
-    "ppo": "ppo",
-    "sample": "sample",
-    "evaluate": "evaluate",
-    "pipeline": "pipeline",
-}
-
-
-def stage_runner(stage: str):
-  """The trainer of a stage, imported lazily so that `--help` stays fast."""
-  import importlib
-  if stage not in STAGES:
-    raise app.UsageError(f"config.stage={stage!r} is not one of {sorted(STAGES)}")
-  return importlib.import_module(f"instructjax.trainers.{STAGES[stage]}").run
-
-
 def main(argv):
   del argv
   from instructjax import parallel
+  from instructjax.trainers import stages
   from instructjax.errors import InputError
   from instructjax.metrics import NonFiniteLossError
   logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file they touch at INFO
@@ -46,7 +27,11 @@ def main(argv):
   parallel.maybe_initialize_distributed(config.get("distributed", False))
   os.makedirs(_WORKDIR.value, exist_ok=True)
   try:
-    stage_runner(config.stage)(config, _WORKDIR.value)
+    runner = stages.stage_runner(config.stage)
+  except ValueError as e:
+    raise app.UsageError(str(e))
+  try:
+    runner(config, _WORKDIR.value)
   except InputError as e:  # bad input: one clear line, no traceback from inside jax
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

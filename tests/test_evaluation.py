@@ -368,5 +368,5 @@ def test_pretraining_text_from_files(tmp_path):
 
 
 def test_run_dispatches_the_evaluate_stage():
-  from experiments import run
-  assert run.stage_runner(evaluate_config.get_config().stage) is evaluate.run
+  from instructjax.trainers import stages
+  assert stages.stage_runner(evaluate_config.get_config().stage) is evaluate.run
