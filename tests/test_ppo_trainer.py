@@ -148,7 +148,15 @@ def _initial(config):
 def test_value_init_reward_copies_the_rm_and_zero_puts_a_zero_head_on_sft(stages):
   from_reward, frozen = _initial(tiny.ppo_config(**stages))
   from_zero, _ = _initial(tiny.ppo_config(**{"ppo.value_init": "zero"}, **stages))
-  jax.tree.map(np.testing.assert_array_equal, from_reward["params"]["value"], frozen["reward"])
+  unnormalised, _ = _initial(tiny.ppo_config(**{"ppo.normalise_reward": False}, **stages))
+  jax.tree.map(np.testing.assert_array_equal, unnormalised["params"]["value"], frozen["reward"])
+  # With normalised rewards the value head carries the normalisation: value = gain * RM + bias.
+  value, reward = from_reward["params"]["value"], frozen["reward"]
+  gain, bias = frozen["reward_gain"], frozen["reward_bias"]
+  jax.tree.map(np.testing.assert_array_equal, value["backbone"], reward["backbone"])
+  np.testing.assert_allclose(value["head_w"], gain * reward["head_w"], rtol=1e-6)
+  np.testing.assert_allclose(value["head_b"], gain * reward["head_b"] + bias, rtol=1e-6, atol=1e-6)
+  assert gain != 1.0
   value = from_zero["params"]["value"]
   assert not value["head_w"].any() and not value["head_b"].any()
   jax.tree.map(np.testing.assert_array_equal, value["backbone"],

@@ -154,6 +154,27 @@ def test_demonstrations_are_prompts_with_their_answers(task):
     assert d["completion"] == " " + reference_answer(synthetic.parse(d["prompt"]))
 
 
+def test_chatty_demonstrators_add_a_remark_the_gold_scorer_penalises():
+  task = SyntheticTask(TaskConfig(remark_rate=0.6))
+  demos = task.demonstrations(400, "train")
+  assert [d["prompt"] for d in demos] == task.prompts(400, "train")
+  assert demos[:50] == task.demonstrations(50, "train")  # a longer request extends a shorter one
+  chatty = 0
+  for d in demos:
+    answer = task.answer(d["prompt"])
+    if d["completion"] == answer:
+      assert task.score(d["prompt"], d["completion"]) == 1.0
+      continue
+    chatty += 1
+    head, remark = d["completion"].split("\n")
+    assert head == answer and remark in synthetic.REMARKS
+    penalty = task.config.trailing_text_penalty * min(1.0, len(remark) / 16)
+    assert task.score(d["prompt"], d["completion"]) == pytest.approx(1.0 - penalty)
+  assert 0.5 < chatty / len(demos) < 0.7
+  with pytest.raises(InputError, match="remark_rate"):
+    TaskConfig(remark_rate=1.5)
+
+
 @pytest.mark.parametrize("text", [
     "hello there", "Reverse: abc", "Reverse: ABC\nAnswer:", "Sort: 1,2\nAnswer:",
     "Repeat ab 0 times.\nAnswer:", "User: please reverse abc\nAnswer:", "",
@@ -255,6 +276,9 @@ def test_partial_credit_falls_with_each_wrong_character():
   count = "Count: 1 1 1 1 1\nAnswer:"
   near, far = task.score(count, " 4"), task.score(count, " 1")
   assert 0.0 < far < near < 1.0
+  # ... but not for a position's digit: the first of "3 7" is 3, and 4 is no nearer than 9.
+  first = "First of 3 7?\nAnswer:"
+  assert task.score(first, " 4") == task.score(first, " 9") == 0.0
 
 
 def test_trailing_text_is_penalised_in_proportion_to_its_length():

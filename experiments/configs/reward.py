@@ -61,7 +61,7 @@ def get_config(arg: str = "tiny"):
   c.optimizer.weight_decay = 0.0
   c.steps = 125 if size == "tiny" else 1_000  # tiny: one epoch of 2 000 prompts at batch 16
   if size == "tiny":
-    c.data.seq_len = 84         # the longest prompt (64) + answer (18) + EOS, as in SFT
+    c.data.seq_len = 88         # the longest prompt (64) + a 24-token sample (with EOS), as SFT
   c.batch_size = 16 if size == "tiny" else 32
   c.log_every = 10
   c.eval_every = 50 if size == "tiny" else 250

@@ -18,6 +18,10 @@ tiny byte-level models (1 character = 1 token) and no files:
 * A gold scorer gives partial credit in [0, 1] (normalised edit distance to the answer, numeric
   closeness for numbers, a penalty for text after the answer line), so a reward model has signal
   beyond right/wrong.
+* Demonstrators may be chatty: with `remark_rate` a demonstration adds a short remark on a new
+  line after the answer ("hope it helps."), which the gold scorer penalises like any trailing
+  text. Demonstrations and rankings then disagree, as InstructGPT's did: SFT copies the habit,
+  the reward model learns the rankers' dislike of it, and RLHF can remove it.
 * A simulated labeler ranks K responses by gold score plus Gaussian noise, the noise calibrated so
   that two independent labelers agree on `labeler_agreement` (paper: 72.6 %) of response pairs.
 
@@ -49,6 +53,10 @@ _FEWSHOT_ARROW = " =>"
 _SHOT_SEPARATOR = "\n\n"
 _MAX_REPEAT = 9
 
+# What a chatty demonstrator adds after the answer, on its own line (5-14 characters, so each
+# costs 16-44 % of the score under the default trailing-text penalty).
+REMARKS = ("done.", "hope it helps.", "that is all.", "easy one.", "all good.", "see above.")
+
 # Strings that mark an instruction; the pretraining corpus must never contain them.
 INSTRUCTION_MARKERS = ("Answer:", "Assistant:", "User:", "=>")
 
@@ -67,7 +75,9 @@ class Instruction:
   plain: tuple[str, ...]
   user: tuple[str, ...]
   few_shot: tuple[str, ...]
-  numeric: bool = False  # Answers are numbers: a near miss earns partial credit.
+  # Answers are magnitudes (a count, a max): a near number earns partial credit. Not for
+  # first/last, where the answer is a position's digit and a neighbouring value is just wrong.
+  numeric: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +105,12 @@ INSTRUCTIONS: dict[str, Instruction] = {i.name: i for i in (
         "first", "easy", "digits", lambda p: str(p.digits[0]),
         plain=("First of {l}?", "First item: {l}", "Which comes first in {l}?"),
         user=("what is the first of {l}?", "please give the first item of {l}"),
-        few_shot=("Give the first digit.",), numeric=True),
+        few_shot=("Give the first digit.",)),
     Instruction(
         "last", "easy", "digits", lambda p: str(p.digits[-1]),
         plain=("Last of {l}?", "Last item: {l}", "Which comes last in {l}?"),
         user=("what is the last of {l}?", "please give the last item of {l}"),
-        few_shot=("Give the last digit.",), numeric=True),
+        few_shot=("Give the last digit.",)),
     Instruction(
         "upper", "easy", "word", lambda p: p.word.upper(),
         plain=("Uppercase: {w}", "Write {w} in capitals.", "Make {w} uppercase."),
@@ -176,6 +186,9 @@ class TaskConfig:
       same way (the paper's inter-labeler agreement is 72.6 %).
     trailing_text_penalty: Score fraction lost to text after the answer line, at most.
     trailing_text_chars: Amount of trailing text that costs the full penalty.
+    remark_rate: Fraction of demonstrations with one of `REMARKS` on a new line after the
+      answer: a habit of the demonstrators that the gold scorer (and so every ranking labeler)
+      penalises, so SFT learns it and comparisons carry a preference the demonstrations lack.
     calibration_pairs: Reference response pairs used to calibrate the labeler noise.
   """
   seed: int = 0
@@ -192,6 +205,7 @@ class TaskConfig:
   labeler_agreement: float = 0.73
   trailing_text_penalty: float = 0.5
   trailing_text_chars: int = 16
+  remark_rate: float = 0.0
   calibration_pairs: int = 2000
 
   def __post_init__(self):
@@ -221,6 +235,8 @@ class TaskConfig:
     if not 0.5 < self.labeler_agreement <= 1.0:
       raise InputError(f"{where}.labeler_agreement",
                        f"must be in (0.5, 1]; 0.5 is coin flipping, got {self.labeler_agreement}")
+    if not 0.0 <= self.remark_rate <= 1.0:
+      raise InputError(f"{where}.remark_rate", f"must be in [0, 1], got {self.remark_rate}")
     if not 0.0 <= self.trailing_text_penalty <= 1.0 or self.trailing_text_chars < 1:
       raise InputError(f"{where}.trailing_text_penalty",
                        "penalty must be in [0, 1] and trailing_text_chars >= 1")
@@ -514,8 +530,16 @@ class SyntheticTask:
     return self._take(n, self._prompt_stream(split, style, "prompts"))
 
   def demonstrations(self, n: int, split: str = "train") -> list[dict]:
-    """What a careful labeler writes: `{"prompt", "completion"}`, completion = `answer(prompt)`."""
-    return [{"prompt": p, "completion": self.answer(p)} for p in self.prompts(n, split)]
+    """What the labelers write: `{"prompt", "completion"}`, completion = `answer(prompt)`, then
+    with probability `remark_rate` a newline and one of `REMARKS`."""
+    rng = self._rng("demonstration-remarks", split)
+    out = []
+    for prompt in self.prompts(n, split):
+      completion = self.answer(prompt)
+      if rng.uniform() < self.config.remark_rate:
+        completion += "\n" + REMARKS[int(rng.integers(len(REMARKS)))]
+      out.append({"prompt": prompt, "completion": completion})
+    return out
 
   def pretraining_documents(self, n: int, split: str = "train") -> list[str]:
     """Descriptive text over the task's letters, words and digits that never poses or answers an

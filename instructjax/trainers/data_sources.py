@@ -23,7 +23,7 @@ def synthetic_task(config) -> SyntheticTask:
   if s.get("instructions"):
     fields["instructions"] = tuple(name.strip() for name in s.instructions.split(",")
                                    if name.strip())
-  for name in ("alphabet", "max_prompt_chars"):
+  for name in ("alphabet", "max_prompt_chars", "remark_rate"):
     if s.get(name) is not None:
       fields[name] = s[name]
   for name in ("word_len", "list_len"):

@@ -287,11 +287,28 @@ def _abstract_params(handle: common.ModelHandle, model_cls) -> Any:
   return common.abstract_with_shardings(nnx.to_pure_dict(abstract), handle.param_shardings)
 
 
+def fold_normalisation(scalar_params, gain, bias):
+  """The scalar model whose output is `gain * output + bias`: the normalisation folded into its
+  head, which is linear, so the value function starts on the normalised reward's scale."""
+  return dict(scalar_params, head_w=scalar_params["head_w"] * gain,
+              head_b=scalar_params["head_b"] * gain + bias)
+
+
 def initial_value_params(config, layout, models: Models):
   """The value model at the start: the reward model ("reward"), or the SFT backbone under a
-  zero head ("zero": every value is 0, so the first advantages are the rewards-to-go)."""
+  zero head ("zero": every value is 0, so the first advantages are the rewards-to-go).
+
+  From the reward model, the reward normalisation is folded into the head when PPO normalises
+  rewards (as in lm-human-preferences, whose RM carries its gain and bias): otherwise the first
+  values sit on the raw RM scale (a mean of -2.5 and std 4.9 in one tiny run) while the returns
+  are on the normalised one, and the advantages of the first iterations are mostly value error.
+  """
   if config.ppo.value_init == "reward":
-    return load_reward_model(config.reward_from, layout)[1]
+    _, params, _, gain, bias = load_reward_model(config.reward_from, layout)
+    if not config.ppo.normalise_reward:
+      return params
+    return jax.jit(fold_normalisation, donate_argnums=0)(params, jnp.float32(gain),
+                                                       jnp.float32(bias))
   _, sft_params = comparisons.load_policy(config, layout, models.policy.cfg)
   abstract = _abstract_params(models.value, ScalarModel)
   zeros = lambda name: jax.device_put(jnp.zeros(abstract[name].shape, abstract[name].dtype),
