@@ -194,6 +194,29 @@ def test_plain_ppo_with_bf16_frozen_models_and_zero_value_skips_the_ptx_stream(s
   assert extra["data"]["ptx"] is None and extra["data"]["prompts"]
 
 
+def test_gold_reward_needs_no_reward_model_and_resumes_with_its_normalisation(stages, tmp_path):
+  gold = dict(init_from=stages["init_from"], reward_source="gold", save_every=1,
+              **{"ppo.ptx_coef": 0.0, "ppo.value_init": "zero"})
+  unbroken, resumed = str(tmp_path / "unbroken"), str(tmp_path / "resumed")
+  ppo.train(tiny.ppo_config(iterations=2, **gold), unbroken)
+  train = [r for r in metrics_of(unbroken) if "loss" in r]
+  saved = json.load(open(os.path.join(unbroken, ppo.GOLD_NORMALISATION)))
+  for r in train:  # The reward is the rollouts' gold score, normalised as saved.
+    assert r["rm_score_raw"] == pytest.approx(r["gold_score"], abs=1e-6)
+    assert r["rm_score"] == pytest.approx(saved["gain"] * r["gold_score"] + saved["bias"],
+                                          abs=1e-5)
+  assert train[0]["rm_score"] == pytest.approx(0.0, abs=1e-5)  # fitted on the first rollout
+  # Killed after one iteration and re-run: the normalisation is read back, the curve continues.
+  ppo.train(tiny.ppo_config(iterations=1, **gold), resumed)
+  ppo.train(tiny.ppo_config(iterations=2, **gold), resumed)
+  last = lambda w: [r for r in metrics_of(w) if r["step"] == 2 and "loss" in r][0]
+  assert last(resumed)["rm_score"] == last(unbroken)["rm_score"]
+  with pytest.raises(InputError, match="value_init"):
+    ppo.train(tiny.ppo_config(**dict(gold, **{"ppo.value_init": "reward"})), str(tmp_path / "a"))
+  with pytest.raises(InputError, match="reward_source"):
+    ppo.train(tiny.ppo_config(**dict(gold, **{"data.source": "files"})), str(tmp_path / "b"))
+
+
 def test_ptx_needs_pretraining_text_and_micro_batches_that_fit_the_mesh(stages, tmp_path):
   with pytest.raises(InputError, match="ptx.source"):
     ppo.train(tiny.ppo_config(**{"ptx.source": "none"}, **stages), str(tmp_path / "a"))

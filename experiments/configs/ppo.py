@@ -83,6 +83,9 @@ def get_config(arg: str = "tiny"):
   c = base.base_config("ppo")
   c.model = base.model_config(size)  # must equal the SFT model's
   c.reward_from = ""                 # the reward model's workdir
+  # model: the RM of reward_from | gold: the synthetic task's gold scorer as an oracle reward
+  # (normalised on the first rollout), to separate a reward model's errors from PPO's own.
+  c.reward_source = "model"
   c.frozen_dtype = "float32"         # float32 | bfloat16: storage of the reference and the RM
   c.data = data_section()
   c.synthetic = base.synthetic_config()

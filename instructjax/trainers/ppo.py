@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import time
 from typing import Any, Callable
 
@@ -64,6 +66,10 @@ from instructjax.trainers.lm import run_eval
 from instructjax.trainers.reward import load_reward_model
 
 VALUE_INITS = ("reward", "zero")
+# model: the reward model of `reward_from`. gold: the synthetic task's gold scorer as an oracle
+# reward, to tell a reward model's errors from PPO's own (reward-model overoptimisation studies).
+REWARD_SOURCES = ("model", "gold")
+GOLD_NORMALISATION = "gold_normalisation.json"
 FROZEN_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TRAINER_ONLY_PPO_FIELDS = ("value_init",)
 PHASES = ("rollout", "score", "advantage", "update")
@@ -84,7 +90,17 @@ def check_config(config, cfg: ppo.PPOConfig, layout: common.Layout) -> None:
   """Everything that can be wrong before a model is loaded, reported as InputError."""
   if not config.init_from:
     raise InputError("config.init_from", "PPO needs the SFT workdir (policy and reference)")
-  if not config.reward_from:
+  if config.reward_source not in REWARD_SOURCES:
+    raise InputError("config.reward_source", f"{config.reward_source!r} is not one of "
+                     f"{REWARD_SOURCES}")
+  if config.reward_source == "gold":
+    if config.data.source != "synthetic":
+      raise InputError("config.reward_source", "'gold' scores with the synthetic task's gold "
+                       "scorer, so it needs config.data.source='synthetic'")
+    if config.ppo.value_init == "reward" and not config.reward_from:
+      raise InputError("config.ppo.value_init", "'reward' starts the value model from "
+                       "config.reward_from, which is empty; give it or use value_init='zero'")
+  elif not config.reward_from:
     raise InputError("config.reward_from", "PPO needs the reward model's workdir")
   if config.ppo.value_init not in VALUE_INITS:
     raise InputError("config.ppo.value_init", f"{config.ppo.value_init!r} is not one of "
@@ -250,7 +266,7 @@ class Models:
   """Graph, config and parameter layout of each model."""
   policy: common.ModelHandle      # also the reference's
   value: common.ModelHandle
-  reward: common.ModelHandle
+  reward: common.ModelHandle | None  # None for the gold reward
 
 
 def _cast(params, dtype, shardings):
@@ -261,25 +277,50 @@ def _cast(params, dtype, shardings):
 def load_models(config, layout, model_cfg) -> tuple[Models, dict[str, Any]]:
   """The models' layouts, and the frozen ones score_phase reads: the SFT reference and the reward
   model with its normalisation, stored in `frozen_dtype`. Both are read from disk here, so no
-  buffer is shared with the train state (which the update donates)."""
+  buffer is shared with the train state (which the update donates). With the gold reward there
+  is no reward model, and its normalisation is set after the first rollout
+  (`gold_normalisation`)."""
   dtype = FROZEN_DTYPES[config.frozen_dtype]
   policy, reference = comparisons.load_policy(config, layout, model_cfg)
-  reward_graphdef, reward_params, reward_cfg, gain, bias = load_reward_model(config.reward_from,
-                                                                             layout)
-  reward = common.ModelHandle(reward_graphdef, reward_cfg,
-                              jax.tree.map(lambda x: x.sharding, reward_params))
+  frozen = dict(reference=_cast(reference, dtype, policy.param_shardings))
+  reward, reward_cfg = None, None
+  if config.reward_source == "model" or config.ppo.value_init == "reward":
+    graphdef, params, reward_cfg, gain, bias = load_reward_model(config.reward_from, layout)
+  if config.reward_source == "model":
+    reward = common.ModelHandle(graphdef, reward_cfg, jax.tree.map(lambda x: x.sharding, params))
+    frozen["reward"] = _cast(params, dtype, reward.param_shardings)
+    frozen.update(_gain_and_bias(gain, bias, layout.mesh))
+  else:  # The gold reward's normalisation: a placeholder until the first rollout fits it.
+    frozen.update(_gain_and_bias(1.0, 0.0, layout.mesh))
   # The value model is a copy of the reward model, or the policy's backbone under a new head.
   value_cfg = reward_cfg if config.ppo.value_init == "reward" else model_cfg
   value_graphdef, value_abstract = common.split_model(
       lambda rngs: ScalarModel(value_cfg, rngs=rngs))
   value_specs = parallel.param_specs(value_abstract, layout.rules, layout.mesh)
   value = common.ModelHandle(value_graphdef, value_cfg, parallel.named(layout.mesh, value_specs))
-  replicated = parallel.replicated(layout.mesh)
-  frozen = dict(reference=_cast(reference, dtype, policy.param_shardings),
-                reward=_cast(reward_params, dtype, reward.param_shardings),
-                reward_gain=jax.device_put(jnp.float32(gain), replicated),
-                reward_bias=jax.device_put(jnp.float32(bias), replicated))
   return Models(policy, value, reward), frozen
+
+
+def _gain_and_bias(gain, bias, mesh) -> dict[str, jax.Array]:
+  replicated = parallel.replicated(mesh)
+  return dict(reward_gain=jax.device_put(jnp.float32(gain), replicated),
+              reward_bias=jax.device_put(jnp.float32(bias), replicated))
+
+
+def gold_normalisation(workdir: str, first_scores: np.ndarray | None) -> tuple[float, float]:
+  """The gold reward's (gain, bias): mean 0 and std 1 on the gold scores of the first rollout
+  (the SFT policy's samples, as the reward model's normalisation uses SFT samples), fitted once
+  and kept in `<workdir>/gold_normalisation.json` so a resumed run uses the same."""
+  path = os.path.join(workdir, GOLD_NORMALISATION)
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    return float(saved["gain"]), float(saved["bias"])
+  gain, bias = (float(x) for x in ppo.reward_normalisation(first_scores, 0.0, 1.0))
+  if jax.process_index() == 0:
+    common.save_json(path, dict(gain=gain, bias=bias, reference="gold scores of the first "
+                                f"rollout ({len(first_scores)} SFT samples)"))
+  return gain, bias
 
 
 def _abstract_params(handle: common.ModelHandle, model_cls) -> Any:
@@ -304,6 +345,7 @@ def initial_value_params(config, layout, models: Models):
   are on the normalised one, and the advantages of the first iterations are mostly value error.
   """
   if config.ppo.value_init == "reward":
+    # The reward model of reward_from, even when PPO's reward is the gold scorer.
     _, params, _, gain, bias = load_reward_model(config.reward_from, layout)
     if not config.ppo.normalise_reward:
       return params
@@ -368,12 +410,15 @@ def jit_phases(config, layout, models: Models, frozen, shardings, optimizers,
                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=mesh,
                     param_shardings=models.policy.param_shardings, rules=layout.rules)
 
-  def score(params, frozen, prompt_tokens, prompt_mask, response_tokens, response_mask):
+  def score(params, frozen, prompt_tokens, prompt_mask, response_tokens, response_mask,
+            score_raw):
     rollout = _rollout(prompt_tokens, prompt_mask, response_tokens, response_mask)
+    if score_raw is not None:  # the gold reward, scored on the host
+      rollout["score_raw"] = score_raw
     return ppo.score_phase(params, frozen, rollout,
                            policy_graphdef=models.policy.graphdef,
                            value_graphdef=models.value.graphdef,
-                           reward_graphdef=models.reward.graphdef, cfg=cfg,
+                           reward_graphdef=models.reward and models.reward.graphdef, cfg=cfg,
                            eos_id=tokenizer.eos_id)
 
   # Every rollout array has the episode as its leading dimension: one sharding fits them all.
@@ -381,7 +426,7 @@ def jit_phases(config, layout, models: Models, frozen, shardings, optimizers,
   whole = parallel.replicated(mesh)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   score_jit = jax.jit(score, in_shardings=(shardings["params"], frozen_shardings, episodes,
-                                           episodes, episodes, episodes),
+                                           episodes, episodes, episodes, episodes),
                       out_shardings=episodes)
   advantage_jit = jax.jit(functools.partial(ppo.advantage_phase, cfg=cfg),
                           in_shardings=(episodes, whole), out_shardings=(episodes, whole))
@@ -402,16 +447,16 @@ def _to_host(tree):
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def rollout_gold_score(task, tokenizer, prompts: list[dict], indices, response_tokens,
-                       response_mask) -> float:
-  """Mean gold score of the rollout's responses (their text, EOS and padding dropped), each
-  against the full text of its prompt."""
+def rollout_gold_scores(task, tokenizer, prompts: list[dict], indices, response_tokens,
+                        response_mask) -> np.ndarray:
+  """Gold score of each of the rollout's responses (their text, EOS and padding dropped) against
+  the full text of its prompt, [episodes] float32, the same on every process."""
   indices, tokens, mask = _to_host((indices, response_tokens, response_mask))
   scores = []
   for index, row, real in zip(np.asarray(indices), np.asarray(tokens), np.asarray(mask)):
     ids = [t for t, m in zip(row, real) if m]
     scores.append(task.score(prompts[int(index)]["prompt"], tokenizer.decode(ids)))
-  return float(np.mean(scores))
+  return np.asarray(scores, np.float32)
 
 
 def host_scalars(metrics) -> dict[str, float]:
@@ -450,8 +495,11 @@ def _create_state(config, layout, models, optimizers, cfg, shardings):
   value = initial_value_params(config, layout, models)
   init = lambda p, v: ppo.init_state(p, v, optimizers, cfg, config.seed)
   state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(policy, value)
+  reward = (config.reward_from if config.reward_source == "model"
+            else "the synthetic task's gold scorer")
   print(f"[{config.stage}] policy and reference from {config.init_from}; value "
-        f"({config.ppo.value_init}) and reward from {config.reward_from}", flush=True)
+        f"({config.ppo.value_init}) from {config.reward_from or 'SFT'}; reward from {reward}",
+        flush=True)
   return state
 
 
@@ -514,6 +562,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # checkpoints excluded), summed over the iterations since the last log step.
     window = dict.fromkeys((*PHASES, "iteration"), 0.0)
     window_iterations = 0
+    gold_fitted = False  # the gold reward's normalisation, read or fitted at the first rollout
 
     for iteration in range(start + 1, config.iterations + 1):
       iteration_started = time.perf_counter()
@@ -529,8 +578,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       started = time.perf_counter()
       sample = phases.rollout(state["params"]["policy"], prompts["tokens"], prompts["mask"], key)
       started = _timed(window, "rollout", sample, started)
+      gold = gold_reward = None
+      if config.reward_source == "gold":  # scoring on the host is this reward's score phase
+        gold = rollout_gold_scores(task, tokenizer, data.records, indices, sample.tokens,
+                                   sample.mask)
+        if not gold_fitted:
+          frozen.update(_gain_and_bias(*gold_normalisation(workdir, gold), layout.mesh))
+          gold_fitted = True
+        gold_reward = jax.make_array_from_callback(
+            gold.shape, NamedSharding(layout.mesh, PartitionSpec(parallel.BATCH_AXES)),
+            lambda index: gold[index])
       scored = phases.score(state["params"], frozen, prompts["tokens"], prompts["mask"],
-                            sample.tokens, sample.mask)
+                            sample.tokens, sample.mask, gold_reward)
       started = _timed(window, "score", scored, started)
       rollout, rollout_metrics = phases.advantage(scored, state["kl_coef"])
       started = _timed(window, "advantage", rollout, started)
@@ -553,8 +612,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     learning_rate=float(schedules["policy"](int(state["step"]) - 1)),
                     optimizer_steps=float(int(state["step"])))
         if task is not None:
-          host["gold_score"] = rollout_gold_score(task, tokenizer, data.records, indices,
-                                                  sample.tokens, sample.mask)
+          if gold is None:
+            gold = rollout_gold_scores(task, tokenizer, data.records, indices, sample.tokens,
+                                       sample.mask)
+          host["gold_score"] = float(gold.mean())
         host.update(loop.summed_over_processes(dict(truncated_prompts=data.stats.truncated)))
         writer.write(iteration, host)
         progress.update(iteration, loss=host["loss"])
