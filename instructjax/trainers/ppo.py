@@ -4,8 +4,10 @@
            (no optimizer state) and, like the reward model, may be stored in bfloat16
            (`frozen_dtype`). Value model from the reward model (`reward_from`;
            `ppo.value_init="reward"`) or a zero head on the SFT backbone ("zero"). The reward
-           model is frozen with its normalisation (gain, bias). Every model is sharded on the
-           mesh by its parameters' logical axes; both optimizer states mirror their models.
+           model is frozen with its normalisation (gain, bias); with `reward_source="gold"`
+           the synthetic task's gold scorer takes its place (an oracle, scored on the host).
+           Every model is sharded on the mesh by its parameters' logical axes; both optimizer
+           states mirror their models.
   data     prompts: the synthetic task's "ppo" split or JSONL {"prompt"} files, a grain stream of
            fixed-shape left-padded batches, repeated forever and reshuffled every epoch.
            ptx: packed pretraining rows (synthetic corpus or files), ppo_epochs *
@@ -316,7 +318,9 @@ def gold_normalisation(workdir: str, first_scores: np.ndarray | None) -> tuple[f
     with open(path) as f:
       saved = json.load(f)
     return float(saved["gain"]), float(saved["bias"])
-  gain, bias = (float(x) for x in ppo.reward_normalisation(first_scores, 0.0, 1.0))
+  # All-equal scores (a policy that always answers alike) have no spread to scale: only centre.
+  target_std = 1.0 if np.std(first_scores) > 1e-6 else None
+  gain, bias = (float(x) for x in ppo.reward_normalisation(first_scores, 0.0, target_std))
   if jax.process_index() == 0:
     common.save_json(path, dict(gain=gain, bias=bias, reference="gold scores of the first "
                                 f"rollout ({len(first_scores)} SFT samples)"))
@@ -497,9 +501,10 @@ def _create_state(config, layout, models, optimizers, cfg, shardings):
   state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(policy, value)
   reward = (config.reward_from if config.reward_source == "model"
             else "the synthetic task's gold scorer")
-  print(f"[{config.stage}] policy and reference from {config.init_from}; value "
-        f"({config.ppo.value_init}) from {config.reward_from or 'SFT'}; reward from {reward}",
-        flush=True)
+  value = (config.reward_from if config.ppo.value_init == "reward"
+           else "a zero head on the SFT backbone")
+  print(f"[{config.stage}] policy and reference from {config.init_from}; value from {value}; "
+        f"reward from {reward}", flush=True)
   return state
 
 
