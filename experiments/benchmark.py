@@ -54,6 +54,14 @@ them in again (hundreds of MB of minor faults per SFT step). Run as a script, th
 re-executes itself with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge pages for
 malloc), which cuts those faults ~200x; `--no_hugetlb` turns this off. Export the same variable
 for CPU training runs.
+
+Devices: `--devices N` shards every batch over N devices (a data-parallel mesh, run under the
+default logical-axis rules as the trainers run). On CPU the benchmark first restarts itself with
+the cores split into N XLA devices (`--xla_force_host_platform_device_count=N`); one device per
+core beats XLA's default of one device whose every op is split over the cores, because most ops
+of these small models are too small to split well (2 cores: decode 1.4x, SFT and reward steps
+1.1-1.2x; the entry points do the same with INSTRUCTJAX_CPU_DEVICES=N). The remat policy defaults
+to the configs' "dots".
 """
 from __future__ import annotations
 
@@ -76,7 +84,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import host
-from instructjax import metrics, sampling
+from instructjax import metrics, parallel, sampling
 from instructjax.models.config import ModelConfig
 from instructjax.models.decoder import LanguageModel, ScalarModel
 from instructjax.objectives import ppo, reward, sft
@@ -116,6 +124,12 @@ def summary(times: list[float]) -> dict[str, float]:
   return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times)}
 
 
+def one_device():
+  """A one-device mesh context: inside a multi-device benchmark's mesh scope, the probe's
+  matmul would otherwise be replicated and run on every device at once."""
+  return jax.set_mesh(jax.sharding.Mesh(np.array(jax.devices()[:1]), ("probe",)))
+
+
 class MatmulProbe:
   """The device's measured matmul rate: a large square matmul and one at the model's MLP shape.
 
@@ -131,9 +145,10 @@ class MatmulProbe:
     rng = np.random.default_rng(0)
     self._fns, self.flops = {}, {}
     for name, (m, k, n_) in self.shapes.items():
-      a = jnp.asarray(rng.standard_normal((m, k)), self.dtype)
-      b = jnp.asarray(rng.standard_normal((k, n_)), self.dtype)
-      matmul = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
+      with one_device():
+        a = jnp.asarray(rng.standard_normal((m, k)), self.dtype)
+        b = jnp.asarray(rng.standard_normal((k, n_)), self.dtype)
+        matmul = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
       self._fns[name] = functools.partial(matmul, a, b)
       self.flops[name] = 2 * m * k * n_
     self._repeats = {name: 1 for name in self.shapes}
@@ -250,7 +265,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batch", type=int, default=16, help="sequences per step (all stages)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--scan_unroll", type=int, default=1, help="ModelConfig.scan_unroll")
-  parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+  parser.add_argument("--remat", default="dots", choices=["none", "full", "dots"],
+                      help="ModelConfig.remat; the configs' default is dots")
+  parser.add_argument("--devices", type=int, default=1,
+                      help="shard every batch over this many devices (data parallel); on CPU the "
+                      "benchmark first splits the cores into this many XLA devices")
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--json", default=None, help="also write the results to this file")
   parser.add_argument("--no_probe", action="store_true",
@@ -308,6 +327,38 @@ def make_probe(args, model_shape) -> MatmulProbe | None:
   return None if args.no_probe else MatmulProbe(model_shape)
 
 
+def data_mesh(args) -> jax.sharding.Mesh | None:
+  """A (data = --devices, 1, 1) mesh, or None for one device."""
+  if args.devices <= 1:
+    return None
+  if jax.device_count() < args.devices:
+    raise SystemExit(f"--devices {args.devices}: only {jax.device_count()} devices here")
+  devices = np.array(jax.devices()[:args.devices]).reshape(args.devices, 1, 1)
+  return jax.sharding.Mesh(devices, parallel.MESH_AXES)
+
+
+def mesh_scope(args):
+  """The context the trainers run their steps in: the mesh and the logical-axis rules, so the
+  models' activation constraints keep every batch dimension split (a no-op for one device)."""
+  import contextlib
+  stack = contextlib.ExitStack()
+  mesh = data_mesh(args)
+  if mesh is not None:
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(parallel.axis_rules(parallel.DEFAULT_RULES))
+  return stack
+
+
+def place(mesh, replicated: Any = None, rows: Any = None) -> tuple[Any, Any]:
+  """Puts `replicated` on every device of the mesh and splits the leading axis of every array
+  in `rows` over it; jit then runs the steps data parallel. Unchanged without a mesh."""
+  if mesh is None:
+    return replicated, rows
+  whole = parallel.replicated(mesh)
+  split_rows = lambda x: jax.device_put(x, parallel.batch_sharding(mesh, x.ndim))
+  return jax.device_put(replicated, whole), jax.tree.map(split_rows, rows)
+
+
 def phase_row(name: str, timing: dict[str, list[float]], flops: float, units: float,
               unit: str, probe: MatmulProbe | None, compile_s: float | None = None
               ) -> dict[str, Any]:
@@ -326,7 +377,7 @@ def phase_row(name: str, timing: dict[str, list[float]], flops: float, units: fl
 
 def finish(stage: str, args, cfg, rows, probe, extra=None) -> dict[str, Any]:
   result = {"stage": stage, "shape": shape_of(args, cfg), "backend": jax.default_backend(),
-            "devices": jax.device_count(), "hugetlb": HUGETLB in os.environ.get(
+            "devices": args.devices, "hugetlb": HUGETLB in os.environ.get(
                 "GLIBC_TUNABLES", ""),
             "load_average": os.getloadavg(), "rows": rows, "peak_memory": peak_memory()}
   if probe is not None:
@@ -383,6 +434,7 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
   tokens = random_tokens(rng, (args.batch, args.seq), args.vocab)
   batch = dict(tokens=tokens, mask=jnp.ones_like(tokens), loss_mask=jnp.ones_like(tokens))
   step, state = sft_step_and_state(cfg)
+  state, batch = place(data_mesh(args), state, batch)
   compiled, compile_s = compile_timed(step, state, batch)
   probe = make_probe(args, (args.batch * args.seq, cfg.d_model, cfg.d_ff))
   timing = measure({"sft": stateful(compiled, state, batch)}, args.runs, probe)
@@ -416,6 +468,7 @@ def run_reward(args: argparse.Namespace) -> dict[str, Any]:
   schedule = reward.learning_rate_schedule(1e-5, 10, 1000)
   optimizer = reward.make_optimizer(schedule, weight_decay=0.01)
   state = reward.init_state(params, optimizer, 0)
+  state, batch = place(data_mesh(args), state, batch)
   step = jax.jit(functools.partial(reward.train_step, graphdef=graphdef, optimizer=optimizer,
                                    schedule=schedule), donate_argnums=0)
   compiled, compile_s = compile_timed(step, state, batch)
@@ -439,7 +492,8 @@ def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
   cfg = model_config(args, cache_len)
   graphdef, params = split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
   prompts = random_tokens(np.random.default_rng(0), (args.batch, args.prompt_len), args.vocab)
-  mask = jnp.ones_like(prompts)
+  mesh = data_mesh(args)
+  params, (prompts, mask) = place(mesh, params, (prompts, jnp.ones_like(prompts)))
   rng = jax.random.PRNGKey(0)
   config = sampling.SamplingConfig(args.new_tokens, temperature=args.temperature,
                                    top_k=args.top_k, top_p=args.top_p, greedy=not args.sample)
@@ -450,7 +504,7 @@ def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
   prefill = jax.jit(lambda p, t, m: sampling.prefill(graphdef, p, t, m,
                                                      max_new_tokens=args.new_tokens))
   prefill_compiled, _ = compile_timed(prefill, params, prompts, mask)
-  cached = sampling.Sampler(graphdef, config, **ids)
+  cached = sampling.Sampler(graphdef, config, mesh=mesh, **ids)
   start = time.perf_counter()
   out = cached(params, prompts, mask, rng)
   jax.block_until_ready(out)
@@ -482,7 +536,7 @@ def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
       "decode_gflops_per_s": step_flops / step_s / 1e9 if step_s > 0 else float("nan"),
   }
   if not args.skip_uncached:
-    uncached = sampling.Sampler(graphdef, config, fn=sampling.sample_uncached, **ids)
+    uncached = sampling.Sampler(graphdef, config, fn=sampling.sample_uncached, mesh=mesh, **ids)
     uncached_timing = measure({"uncached": lambda: uncached(params, prompts, mask, rng)},
                               max(1, min(args.runs, 3)), None)
     uncached_times = summary(uncached_timing["uncached"]["wall"])
@@ -527,7 +581,13 @@ def run_ppo(args: argparse.Namespace) -> dict[str, Any]:
     ptx = dict(tokens=ptx_tokens, mask=jnp.ones_like(ptx_tokens),
                loss_mask=jnp.ones_like(ptx_tokens))
 
-  sampler = sampling.Sampler(policy_graphdef, sampling.SamplingConfig(N), eos_id=-1, pad_id=0)
+  mesh = data_mesh(args)
+  (state0, frozen), (prompts, prompt_mask) = place(mesh, (state0, frozen), (prompts, prompt_mask))
+  if mesh is not None and ptx is not None:  # [steps, rows, seq]: the rows are split
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES))
+    ptx = jax.device_put(ptx, rows)
+  sampler = sampling.Sampler(policy_graphdef, sampling.SamplingConfig(N), eos_id=-1, pad_id=0,
+                             mesh=mesh)
   score = jax.jit(functools.partial(ppo.score_phase, policy_graphdef=policy_graphdef,
                                     value_graphdef=value_graphdef,
                                     reward_graphdef=reward_graphdef, cfg=ppo_cfg, eos_id=None))
@@ -706,7 +766,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if args.command == "all":
     result = run_all(args, argv)
   else:
-    result = SUBCOMMANDS[args.command](args)
+    with mesh_scope(args):
+      result = SUBCOMMANDS[args.command](args)
   if not args.quiet:
     print_table(result)
   if args.json:
@@ -716,6 +777,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-  host.reexec_with_hugetlb("experiments.benchmark", sys.argv[1:],
-                           disabled="--no_hugetlb" in sys.argv[1:])
+  host.reexec("experiments.benchmark", sys.argv[1:], hugetlb="--no_hugetlb" not in sys.argv[1:],
+              cpu_devices=parse(sys.argv[1:]).devices)
   main(sys.argv[1:])

@@ -42,5 +42,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from experiments import host
-  host.reexec_with_hugetlb("experiments.run", sys.argv[1:])
+  host.reexec("experiments.run", sys.argv[1:])
   app.run(main)

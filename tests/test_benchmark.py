@@ -143,3 +143,28 @@ def test_ppo_stage_splits_the_iteration(tmp_path):
   total, *phases = result["rows"]
   assert total["model_gflop"] == pytest.approx(sum(p["model_gflop"] for p in phases))
   assert result["ppo"]["ptx_rows_per_step"] == 4 and result["ppo"]["ptx_seq"] == 8
+
+
+@pytest.mark.parametrize("stage,extra", [
+    ("sft", ["--compile_depths", ""]),
+    ("sampling", ["--prompt_len", "4", "--new_tokens", "4", "--skip_uncached"]),
+    ("ppo", ["--ppo_rollouts", "4", "--ppo_prompt_len", "4", "--ppo_new_tokens", "4",
+             "--ppo_epochs", "1"]),
+])
+def test_stages_run_data_parallel_over_devices(tmp_path, stage, extra):
+  result = run(tmp_path, stage, "--devices", "2", "--no_probe", *extra)
+  assert result["devices"] == 2
+  assert result["rows"][0]["median_s"] > 0
+
+
+def test_the_probe_runs_on_one_device_inside_a_multi_device_scope():
+  args = benchmark.parse(["sft", "--devices", "4"])
+  with benchmark.mesh_scope(args):
+    probe = benchmark.MatmulProbe((8, 8, 8))
+    probe.sample()
+  assert probe.result()["large"]["gflops_per_s"] > 0
+
+
+def test_too_many_devices_is_a_clear_error(tmp_path):
+  with pytest.raises(SystemExit, match="--devices 64"):
+    run(tmp_path, "sft", "--devices", "64", "--no_probe", "--compile_depths", "")

@@ -37,7 +37,7 @@ HARDWARE = {
     "v5e-16": dict(mesh=dict(data=1, fsdp=16, tensor=1), batch_size=128, dtype="bfloat16",
                    remat="full"),
     "cpu": dict(mesh=dict(data=-1, fsdp=1, tensor=1), batch_size=8, dtype="float32",
-                remat="none"),
+                remat="dots"),
 }
 STAGES = {"sft": sft, "reward": reward, "ppo": ppo}
 
