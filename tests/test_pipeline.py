@@ -6,17 +6,20 @@ import subprocess
 import sys
 
 
+import pytest
+
 from experiments.configs import instructgpt
+from instructjax.errors import InputError
 from instructjax.trainers import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_pipeline(workdir):
+def run_pipeline(workdir, *flags):
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one device: faster to compile
   return subprocess.run(
       [sys.executable, "-m", "experiments.run", "--config",
-       "experiments/configs/instructgpt.py:smoke", "--workdir", str(workdir)],
+       "experiments/configs/instructgpt.py:smoke", "--workdir", str(workdir), *flags],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
 
@@ -31,7 +34,8 @@ def test_smoke_pipeline_runs_end_to_end_and_skips_finished_stages(tmp_path):
   assert "SFT" in markdown and "PPO-ptx" in markdown
   assert [p for p in os.listdir(tmp_path) if p.endswith(".png")]
 
-  second = run_pipeline(tmp_path)
+  # The documented way to pick stages, in any order: they still run in pipeline order.
+  second = run_pipeline(tmp_path, "--config.stages=" + ",".join(reversed(instructgpt.STAGES)))
   assert second.returncode == 0, second.stderr[-3000:]
   assert second.stdout.count("finished earlier, skipped") == len(instructgpt.STAGES)
 
@@ -45,3 +49,12 @@ def test_each_stage_is_initialised_from_the_previous_one(tmp_path):
   evaluate = pipeline.stage_config(config, "evaluate", str(tmp_path))
   assert evaluate.models.ppo_ptx == str(tmp_path / "ppo_ptx")
   assert config.ppo.ppo.ptx_coef == 0.0 and config.ppo_ptx.ppo.ptx_coef > 0
+
+
+def test_stages_are_picked_by_name_and_a_typo_is_an_error(tmp_path):
+  assert pipeline.selected_stages("reward, sft") == ["sft", "reward"]
+  with pytest.raises(InputError, match="unknown stages \\['rm'\\]"):
+    pipeline.selected_stages("sft,rm")
+  bad = run_pipeline(tmp_path, "--config.stages=sft,rm")
+  assert bad.returncode == 2 and "unknown stages" in bad.stderr
+  assert not os.path.exists(tmp_path / "sft")

@@ -7,7 +7,8 @@ evaluation of GPT, GPT-prompted, SFT, PPO and PPO-ptx, ending with <workdir>/rep
 report.json. Each stage runs in <workdir>/<stage>; re-running the command skips finished stages and
 resumes an interrupted one. Sized for a 2-core CPU (no files, no GPU); `:smoke` is a ~2-minute
 version for tests. Every stage's config is a section: e.g. `--config.sft.steps=600`,
-`--config.ppo_ptx.ppo.ptx_coef=2.0`, `--config.stages="['pretrain','sft']"`.
+`--config.ppo_ptx.ppo.ptx_coef=2.0`, `--config.stages=pretrain,sft` (comma-separated, run in
+pipeline order).
 """
 from ml_collections import config_dict
 
@@ -71,7 +72,7 @@ def get_config(arg: str = ""):
   c = config_dict.ConfigDict()
   c.stage = "pipeline"
   c.distributed = False
-  c.stages = list(STAGES)
+  c.stages = ",".join(STAGES)
   for name, section in _sections("tiny").items():
     c[name] = section
   with c.unlocked():

@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import ml_collections
 
+from instructjax.errors import InputError
+
 # (name, config section, trainer module, what its init paths point at)
 STAGES = (
     ("pretrain", "lm", {}),
@@ -69,9 +71,20 @@ def publish_report(evaluate_dir: str, workdir: str) -> None:
     shutil.copy2(path, workdir)
 
 
+def selected_stages(stages: str) -> list[str]:
+  """The stages named in `config.stages` (comma-separated), in pipeline order."""
+  known = [name for name, _, _ in STAGES]
+  asked = [name.strip() for name in stages.split(",") if name.strip()]
+  unknown = sorted(set(asked) - set(known))
+  if unknown or not asked:
+    raise InputError("config.stages", f"{stages!r}: unknown stages {unknown}; choose from "
+                     f"{','.join(known)}")
+  return [name for name in known if name in asked]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
   import importlib
-  names = [name for name, _, _ in STAGES if name in config.stages]
+  names = selected_stages(config.stages)
   started = time.perf_counter()
   for i, name in enumerate(names, 1):
     stage_dir = os.path.join(workdir, name)
