@@ -168,3 +168,16 @@ def test_the_probe_runs_on_one_device_inside_a_multi_device_scope():
 def test_too_many_devices_is_a_clear_error(tmp_path):
   with pytest.raises(SystemExit, match="--devices 64"):
     run(tmp_path, "sft", "--devices", "64", "--no_probe", "--compile_depths", "")
+
+
+def test_pytorch_peers_run_at_a_toy_shape(tmp_path):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from experiments import peers
+  path = tmp_path / "peers.json"
+  rows = peers.main(["all", "--layers", "1", "--d_model", "32", "--heads", "2", "--vocab", "64",
+                     "--seq", "16", "--batch", "4", "--prompt_len", "4", "--new_tokens", "4",
+                     "--runs", "1", "--json", str(path)])
+  assert [r["stage"] for r in rows] == ["sft", "reward", "generate"]
+  assert all(r["throughput"] > 0 for r in rows)
+  assert json.loads(path.read_text())["rows"][2]["unit"] == "new tokens/s"

@@ -1,0 +1,156 @@
+"""The PyTorch peers of `experiments.benchmark`, timed on this machine, in the same session:
+`python -m experiments.peers [sft|reward|generate|all] [--layers 4 --d_model 256 ...] [--json F]`.
+
+Benchmarks on a shared or throttled machine drift by 2-6x between sessions, so a speed-up is only
+meaningful against a peer measured minutes apart on the same cores. This runs the plain-PyTorch
+versions of the benchmark's stages at the same shapes (Hugging Face `transformers` GPT-2, float32,
+every core torch sees):
+
+  sft       one AdamW step of a plain PyTorch loop on [batch, seq] tokens, every token a target
+            (what a hand-written training loop does; TRL's SFTTrainer adds its own overhead);
+  reward    one AdamW step of the pairwise Bradley-Terry loss, the way pairwise trainers (TRL's
+            RewardTrainer) batch it: `batch` sequences = batch / 2 (chosen, rejected) pairs, a
+            linear head on the last token; throughput in pairs/s (compare with the benchmark's
+            `seq_pairs/s`);
+  generate  `model.generate` greedy with the KV cache, `new_tokens` forced (min_new_tokens), after
+            `prompt_len` prompt tokens; new tokens/s.
+
+Needs torch and transformers (not in requirements.txt: `pip install torch==2.13.0 transformers`);
+without them it says so and exits with status 1. Nothing is downloaded: the models are random.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+
+def _timed_runs(fn: Callable[[], Any], runs: int, warmup: int = 2) -> list[float]:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _gpt2(args, torch, transformers, max_len: int):
+  config = transformers.GPT2Config(
+      vocab_size=args.vocab, n_positions=max(max_len, 64), n_embd=args.d_model,
+      n_layer=args.layers, n_head=args.heads, n_inner=args.d_ff or 4 * args.d_model,
+      attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0)
+  torch.manual_seed(0)
+  return transformers.GPT2LMHeadModel(config)
+
+
+def run_sft(args, torch, transformers) -> dict[str, Any]:
+  model = _gpt2(args, torch, transformers, args.seq).train()
+  optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  tokens = torch.randint(0, args.vocab, (args.batch, args.seq))
+
+  def step():
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+  times = _timed_runs(step, args.runs)
+  return dict(stage="sft", median_s=statistics.median(times), min_s=min(times),
+              throughput=args.batch * args.seq / statistics.median(times), unit="tokens/s")
+
+
+def run_reward(args, torch, transformers) -> dict[str, Any]:
+  if args.batch % 2:
+    raise SystemExit(f"--batch {args.batch} must be even: (chosen, rejected) pairs")
+  backbone = _gpt2(args, torch, transformers, args.seq).transformer.train()
+  head = torch.nn.Linear(args.d_model, 1)
+  params = list(backbone.parameters()) + list(head.parameters())
+  optimizer = torch.optim.AdamW(params, lr=1e-5)
+  tokens = torch.randint(0, args.vocab, (args.batch, args.seq))
+
+  def step():
+    hidden = backbone(input_ids=tokens).last_hidden_state[:, -1]
+    rewards = head(hidden)[:, 0].view(-1, 2)
+    loss = -torch.nn.functional.logsigmoid(rewards[:, 0] - rewards[:, 1]).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+  times = _timed_runs(step, args.runs)
+  return dict(stage="reward", median_s=statistics.median(times), min_s=min(times),
+              throughput=args.batch / 2 / statistics.median(times), unit="pairs/s")
+
+
+def run_generate(args, torch, transformers) -> dict[str, Any]:
+  model = _gpt2(args, torch, transformers, args.prompt_len + args.new_tokens).eval()
+  prompts = torch.randint(0, args.vocab, (args.batch, args.prompt_len))
+  attention = torch.ones_like(prompts)
+
+  def generate():
+    with torch.no_grad():
+      out = model.generate(prompts, attention_mask=attention, max_new_tokens=args.new_tokens,
+                           min_new_tokens=args.new_tokens, do_sample=False, use_cache=True,
+                           pad_token_id=0, eos_token_id=None)
+    assert out.shape[1] == args.prompt_len + args.new_tokens
+
+  times = _timed_runs(generate, args.runs)
+  return dict(stage="generate", median_s=statistics.median(times), min_s=min(times),
+              throughput=args.batch * args.new_tokens / statistics.median(times),
+              unit="new tokens/s")
+
+
+STAGES = {"sft": run_sft, "reward": run_reward, "generate": run_generate}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m experiments.peers", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("command", choices=[*STAGES, "all"])
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--d_model", type=int, default=256)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--d_ff", type=int, default=None, help="default 4 * d_model")
+  parser.add_argument("--vocab", type=int, default=512)
+  parser.add_argument("--seq", type=int, default=128)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--prompt_len", type=int, default=32)
+  parser.add_argument("--new_tokens", type=int, default=64)
+  parser.add_argument("--runs", type=int, default=5)
+  parser.add_argument("--json", default=None)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+  args = parse(list(sys.argv[1:] if argv is None else argv))
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    print(f"peers need torch and transformers ({e}); pip install torch==2.13.0 transformers",
+          file=sys.stderr)
+    raise SystemExit(1)
+  transformers.logging.set_verbosity_error()
+  stages = list(STAGES) if args.command == "all" else [args.command]
+  rows = [STAGES[name](args, torch, transformers) for name in stages]
+  print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+        f"{transformers.__version__}; layers {args.layers}, d_model {args.d_model}, vocab "
+        f"{args.vocab}, batch {args.batch}, seq {args.seq}")
+  for row in rows:
+    print(f"{row['stage']:<10}{1e3 * row['median_s']:>10.1f} ms (min {1e3 * row['min_s']:.1f})"
+          f"{row['throughput']:>12,.1f} {row['unit']}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"torch": torch.__version__, "transformers": transformers.__version__,
+                 "args": vars(args), "rows": rows}, f, indent=2)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
