@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -215,3 +215,40 @@ def reward_model_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, floa
       summary["step"] = int(record["step"])
       return summary
   return None
+
+
+def _ordered_right(reward_a: float, reward_b: float, a_is_better: bool) -> float:
+  """1 if the rewards order the pair like the reference, 1/2 for equal rewards, else 0."""
+  margin = (reward_a - reward_b) * (1.0 if a_is_better else -1.0)
+  return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+
+
+def pair_accuracy_by_kind(pairs: Iterable[tuple[str, float, float, float, float, int, int]],
+                          ceiling: Callable[[Sequence[float]], float]
+                          ) -> dict[str, dict[str, float]]:
+  """A reward model's held-out pair accuracy broken down by what differs between the responses.
+
+  pairs: (kind, reward_a, reward_b, gold_a, gold_b, rank_a, rank_b) for pairs of held-out
+  rankings (rank 0 = best). Pairs with equal gold scores are left out; the simulated labeler ties
+  exactly those, so the rest are the labeler's pairs too. A pair is right when the rewards order
+  it like the reference (the gold score, or the labeler's ranks); an equal reward counts half,
+  as in the training metric. `ceiling(gaps)` is the labeler's expected agreement with the gold
+  order on pairs with those gold gaps: the best labeler accuracy any model can expect on them.
+  Returns {kind: {pairs, gold_accuracy, labeler_accuracy, labeler_ceiling}}, with an "all"
+  entry; kinds without pairs are left out.
+  """
+  by_kind: dict[str, list[tuple[float, float, float]]] = {}
+  for kind, reward_a, reward_b, gold_a, gold_b, rank_a, rank_b in pairs:
+    if gold_a == gold_b:
+      continue
+    entry = (_ordered_right(reward_a, reward_b, gold_a > gold_b),
+             _ordered_right(reward_a, reward_b, rank_a < rank_b), abs(gold_a - gold_b))
+    for key in (kind, "all"):
+      by_kind.setdefault(key, []).append(entry)
+  out = {}
+  for kind, entries in by_kind.items():
+    gold_right, labeler_right, gaps = zip(*entries)
+    out[kind] = dict(pairs=len(entries), gold_accuracy=float(np.mean(gold_right)),
+                     labeler_accuracy=float(np.mean(labeler_right)),
+                     labeler_ceiling=float(ceiling(gaps)))
+  return out

@@ -141,6 +141,17 @@ def render_markdown(results: Mapping[str, Any], curves: Mapping[str, Any],
                   [[_number(rm.get("eval_accuracy")), _number(rm.get("eval_gold_accuracy")),
                     _number(rm.get("labeler_ceiling")), _number(rm.get("labeler_agreement")),
                     str(rm.get("step", "–"))]]) + [""]
+    by_difference = rm.get("by_difference")
+    if by_difference:
+      out += ["The same held-out pairs by what differs between the two responses: only one "
+              "carries a remark after its answer, the answers differ, or only the remark's text "
+              "does. A gap to the ceiling shows what the reward model cannot judge.", ""]
+      out += _table(["Pairs that differ in", "Pairs", "Accuracy (labeler)",
+                     "Accuracy (gold order)", "Labeler ceiling"],
+                    [[kind, str(row["pairs"]), _number(row["labeler_accuracy"]),
+                      _number(row["gold_accuracy"]), _number(row["labeler_ceiling"])]
+                     for kind, row in sorted(by_difference.items(),
+                                             key=lambda item: (item[0] == "all", item[0]))]) + [""]
 
   if "score_vs_kl" in figures or "ptx_loss" in figures:
     out += ["## During PPO training", ""]

@@ -1,5 +1,6 @@
 """The evaluation stage: win rates and intervals against hand-computed cases, KL and curves against
 slow references, the report files, and the whole stage on tiny hand-made checkpoints."""
+import itertools
 import json
 import math
 import os
@@ -88,6 +89,24 @@ def test_training_curves_tolerate_missing_keys_and_resumed_steps():
   assert evaluation.paired(curves, "kl", "eval_gold_score") == []
 
 
+def test_pair_accuracy_by_kind_against_a_hand_count():
+  pairs = [  # kind, reward a, reward b, gold a, gold b, rank a, rank b
+      ("answer", 1.0, 0.0, 0.9, 0.1, 0, 1),   # right by gold and by the labeler
+      ("answer", 1.0, 0.0, 0.1, 0.9, 0, 1),   # wrong by gold, right by the (noisy) labeler
+      ("remark", 0.5, 0.5, 0.8, 0.4, 1, 0),   # equal rewards: half, both ways
+      ("remark", 2.0, 3.0, 0.5, 0.5, 0, 0),   # equal gold: no pair
+  ]
+  gaps_seen = []
+  ceiling = lambda gaps: gaps_seen.append(sorted(gaps)) or 0.75
+  out = evaluation.pair_accuracy_by_kind(pairs, ceiling)
+  assert out["answer"] == dict(pairs=2, gold_accuracy=0.5, labeler_accuracy=1.0,
+                               labeler_ceiling=0.75)
+  assert out["remark"] == dict(pairs=1, gold_accuracy=0.5, labeler_accuracy=0.5,
+                               labeler_ceiling=0.75)
+  assert out["all"]["pairs"] == 3 and out["all"]["gold_accuracy"] == pytest.approx(1.5 / 3)
+  assert [0.4] in gaps_seen and [0.4, 0.8, 0.8] in [[round(g, 6) for g in x] for x in gaps_seen]
+
+
 def test_reward_model_summary_reads_the_last_evaluation():
   records = [{"step": 2, "eval_accuracy": 0.6, "labeler_ceiling": 0.8},
              {"step": 4, "loss": 0.5},
@@ -114,7 +133,11 @@ def hand_made_results():
               models=evaluation.summarise(outputs),
               skipped={"ppo_ptx": "no workdir given"},
               reward_model=dict(eval_accuracy=0.66, labeler_ceiling=0.8, labeler_agreement=0.73,
-                                step=10),
+                                step=10, by_difference={
+                                    "all": dict(pairs=3, gold_accuracy=0.5, labeler_accuracy=0.5,
+                                                labeler_ceiling=0.7),
+                                    "answer": dict(pairs=2, gold_accuracy=0.25,
+                                                   labeler_accuracy=0.5, labeler_ceiling=0.75)}),
               examples=[dict(prompt="Reverse: abc\nAnswer:", responses={"sft": " cba",
                                                                          "ppo": " cba\nmore"})])
 
@@ -143,6 +166,7 @@ def test_write_report_writes_json_markdown_tables_and_png_plots(tmp_path):
   assert f"| PPO | {ppo['win_rate']:.3f} [{ppo['low']:.3f}, {ppo['high']:.3f}] |" in md
   assert "| PPO | 2.100 | +0.400 |" in md  # pretraining loss and its change against SFT
   assert "| 0.660 | – | 0.800 | 0.730 | 10 |" in md
+  assert md.index("| answer | 2 | 0.500 | 0.250 | 0.750 |") < md.index("| all | 3 |")
   for name in (report.WIN_RATE_PNG, report.SCORE_VS_KL_PNG, report.PTX_LOSS_PNG):
     assert f"]({name})" in md
   assert "- PPO-ptx: no workdir given" in md
@@ -370,3 +394,33 @@ def test_pretraining_text_from_files(tmp_path):
 def test_run_dispatches_the_evaluate_stage():
   from instructjax.trainers import stages
   assert stages.stage_runner(evaluate_config.get_config().stage) is evaluate.run
+
+
+def test_rm_accuracy_by_difference_on_its_held_out_comparisons(full_run, workdirs, tmp_path):
+  _, config, _ = full_run
+  layout = common.Layout.from_config(config)
+  tokenizer = common.tokenizer_from_config(config)
+  task = evaluate.synthetic_task(config)
+  rm = evaluate.load_reward(workdirs["rm"], layout)
+  prompt = task.prompts(1, "eval")[0]
+  answer = task.answer(prompt)
+  responses = [answer, answer + "\ndone.", " 9 9 9 9", answer + "\nhope it helps."]
+  ranking = dict(prompt=prompt, responses=responses, ranks=[0, 1, 3, 2],
+                 gold_scores=[task.score(prompt, r) for r in responses])
+  rm_dir = tmp_path / "rm"
+  shutil.copytree(workdirs["rm"], rm_dir)
+  os.makedirs(rm_dir / "comparisons")
+  (rm_dir / "comparisons" / "eval.jsonl").write_text(json.dumps(ranking) + "\n")
+  out = evaluate.reward_model_breakdown(rm, str(rm_dir), task, batch_size=8, layout=layout,
+                                        tokenizer=tokenizer)
+  scores = rm.score([prompt] * 4, responses, batch_size=8, layout=layout, tokenizer=tokenizer)
+  gold = ranking["gold_scores"]
+  right = [(scores[a] > scores[b]) == (gold[a] > gold[b]) for a, b in
+           itertools.combinations(range(4), 2) if gold[a] != gold[b]]
+  assert out["all"]["pairs"] == len(right) == 6
+  assert out["all"]["gold_accuracy"] == pytest.approx(np.mean(right))
+  # answer vs answer+remark and the two remarks of different length: what_differs' three kinds.
+  assert set(out) == {"all", "remark", "answer", "remark text"}
+  assert out["remark text"]["pairs"] == 1 and out["answer"]["pairs"] == 1
+  assert evaluate.reward_model_breakdown(rm, workdirs["rm"], task, batch_size=8, layout=layout,
+                                         tokenizer=tokenizer) is None  # no comparisons there

@@ -390,3 +390,12 @@ def test_a_subset_of_instructions_and_styles_is_respected():
 
 def test_instructions_cover_every_difficulty():
   assert {i.difficulty for i in INSTRUCTIONS.values()} == {"easy", "medium", "hard"}
+
+
+def test_what_differs_names_remark_answer_or_remark_text():
+  assert synthetic.what_differs(" 3", " 3\ndone.") == "remark"
+  assert synthetic.what_differs(" 4\ndone.", " 3") == "remark"
+  assert synthetic.what_differs(" 3", " 4") == "answer"
+  assert synthetic.what_differs(" 3\ndone.", " 4\nall good.") == "answer"
+  assert synthetic.what_differs(" 3\ndone.", " 3\nhope it helps.") == "remark text"
+  assert synthetic.what_differs("  3 ", " 3") == "remark text"  # whitespace is not an answer

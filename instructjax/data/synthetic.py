@@ -363,6 +363,19 @@ def _split_response(response: str) -> tuple[str, str]:
   return head.rstrip(), tail.strip()
 
 
+PAIR_DIFFERENCES = ("remark", "answer", "remark text")
+
+
+def what_differs(response_a: str, response_b: str) -> str:
+  """What sets two responses apart, for breaking a reward model's accuracy down:
+  "remark" when only one has text after its answer line, else "answer" when the answer lines
+  differ, else "remark text" (same answer, both or neither with trailing text)."""
+  (head_a, tail_a), (head_b, tail_b) = _split_response(response_a), _split_response(response_b)
+  if bool(tail_a) != bool(tail_b):
+    return "remark"
+  return "answer" if head_a != head_b else "remark text"
+
+
 # ------------------------------------------------------------------------------------------------
 # Labeler noise.
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 from typing import Any, Sequence
@@ -46,7 +47,8 @@ from instructjax.metrics import read_metrics
 from instructjax.models.decoder import LanguageModel
 from instructjax.objectives import ppo, sft
 from instructjax.sampling import Sampler, SamplingConfig
-from instructjax.trainers import common, generate, lm, loop, reward
+from instructjax.data.synthetic import what_differs
+from instructjax.trainers import common, comparisons, generate, lm, loop, reward
 from instructjax.trainers.data_sources import synthetic_task
 
 # Where each model's LanguageModel parameters sit in its stage's checkpoint.
@@ -369,6 +371,34 @@ def reward_model_summary(config, task) -> dict[str, Any] | None:
   return summary
 
 
+def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, *,
+                           batch_size: int, layout, tokenizer: Tokenizer
+                           ) -> dict[str, dict[str, float]] | None:
+  """The RM's accuracy on its held-out synthetic comparisons, by what differs between the two
+  responses (`synthetic.what_differs`): does it judge the remark the rankers dislike, the answer
+  itself, or neither? None when there are no held-out comparisons with gold scores (e.g. an RM
+  trained on files)."""
+  path = os.path.join(reward_workdir, comparisons.COMPARISONS_DIR, "eval.jsonl")
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    rankings = [json.loads(line) for line in f if line.strip()]
+  if not rankings or any("gold_scores" not in r for r in rankings):
+    return None
+  prompts = [r["prompt"] for r in rankings for _ in r["responses"]]
+  rewards = iter(rm.score(prompts, [t for r in rankings for t in r["responses"]],
+                          batch_size=batch_size, layout=layout, tokenizer=tokenizer))
+  pairs = []
+  for r in rankings:
+    scores = [float(next(rewards)) for _ in r["responses"]]
+    for a, b in itertools.combinations(range(len(scores)), 2):
+      pairs.append((what_differs(r["responses"][a], r["responses"][b]), scores[a], scores[b],
+                    r["gold_scores"][a], r["gold_scores"][b], r["ranks"][a], r["ranks"][b]))
+  rm_config = stage_config(reward_workdir)  # the world the comparisons were ranked in
+  task = synthetic_task(rm_config) if rm_config is not None else fallback_task
+  return evaluation.pair_accuracy_by_kind(pairs, task.labeler_agreement_ceiling)
+
+
 def _settings(config, documents_text: str) -> dict[str, Any]:
   s = config.sampling
   decoding = ("greedy decoding" if config.greedy else
@@ -434,6 +464,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                            for i, p in enumerate(prompts[:config.report_examples])])
   rm_summary = reward_model_summary(config, task)
   if rm_summary:
+    breakdown = reward_model_breakdown(rm, config.reward_from, task, layout=layout,
+                                       tokenizer=tokenizer, batch_size=config.sampling.batch_size)
+    if breakdown:
+      rm_summary["by_difference"] = breakdown
     results["reward_model"] = rm_summary
   if jax.process_index() == 0:
     written = report.write_report(workdir, results, training_curves(config))
