@@ -41,7 +41,8 @@ def model_config(size: str = "tiny", flavour: str = "gpt2") -> config_dict.Confi
   m.dropout = 0.0
   # "dots" keeps only matmul outputs for the backward pass and recomputes the elementwise ops
   # (norms, GELU, softmax) there: less memory traffic, so faster on CPU too (benchmark at the
-  # reference shape: SFT step -11 %, tiny SFT +20 % steps/s), and the same numbers.
+  # reference shape: SFT step -7 to -11 %, tiny SFT +20 % steps/s); results differ only by
+  # floating-point rounding.
   m.remat = "dots"
   m.scan_unroll = 1
   m.attention_impl = placeholder(str)
