@@ -363,9 +363,6 @@ def _split_response(response: str) -> tuple[str, str]:
   return head.rstrip(), tail.strip()
 
 
-PAIR_DIFFERENCES = ("remark", "answer", "remark text")
-
-
 def what_differs(response_a: str, response_b: str) -> str:
   """What sets two responses apart, for breaking a reward model's accuracy down:
   "remark" when only one has text after its answer line, else "answer" when the answer lines

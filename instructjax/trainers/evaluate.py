@@ -41,13 +41,13 @@ from jax.experimental import multihost_utils
 
 from instructjax import checkpoint, evaluation, parallel, report
 from instructjax.data import pipeline, records
+from instructjax.data.synthetic import what_differs
 from instructjax.data.tokenizers import Tokenizer
 from instructjax.errors import InputError
 from instructjax.metrics import read_metrics
 from instructjax.models.decoder import LanguageModel
 from instructjax.objectives import ppo, sft
 from instructjax.sampling import Sampler, SamplingConfig
-from instructjax.data.synthetic import what_differs
 from instructjax.trainers import common, comparisons, generate, lm, loop, reward
 from instructjax.trainers.data_sources import synthetic_task
 

@@ -77,8 +77,8 @@ def selected_stages(stages: str) -> list[str]:
   asked = [name.strip() for name in stages.split(",") if name.strip()]
   unknown = sorted(set(asked) - set(known))
   if unknown or not asked:
-    raise InputError("config.stages", f"{stages!r}: unknown stages {unknown}; choose from "
-                     f"{','.join(known)}")
+    problem = f"unknown stages {unknown}" if unknown else "names no stage"
+    raise InputError("config.stages", f"{stages!r}: {problem}; choose from {','.join(known)}")
   return [name for name in known if name in asked]
 
 
