@@ -66,6 +66,7 @@ to the configs' "dots".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -88,6 +89,7 @@ from instructjax import metrics, parallel, sampling
 from instructjax.models.config import ModelConfig
 from instructjax.models.decoder import LanguageModel, ScalarModel
 from instructjax.objectives import ppo, reward, sft
+from instructjax.trainers import common
 
 STAGES = ("sft", "reward", "sampling", "ppo")
 HUGETLB = host.HUGETLB
@@ -338,18 +340,16 @@ def data_mesh(args) -> jax.sharding.Mesh | None:
 
 
 def mesh_scope(args):
-  """The context the trainers run their steps in: the mesh and the logical-axis rules, so the
-  models' activation constraints keep every batch dimension split (a no-op for one device)."""
-  import contextlib
-  stack = contextlib.ExitStack()
+  """The context the trainers run their steps in (`Layout.scope`: the mesh and the logical-axis
+  rules), so the models' activation constraints keep every batch dimension split; nothing for
+  one device."""
   mesh = data_mesh(args)
-  if mesh is not None:
-    stack.enter_context(jax.set_mesh(mesh))
-    stack.enter_context(parallel.axis_rules(parallel.DEFAULT_RULES))
-  return stack
+  if mesh is None:
+    return contextlib.nullcontext()
+  return common.Layout(mesh, parallel.DEFAULT_RULES).scope()
 
 
-def place(mesh, replicated: Any = None, rows: Any = None) -> tuple[Any, Any]:
+def place(mesh, replicated: Any, rows: Any) -> tuple[Any, Any]:
   """Puts `replicated` on every device of the mesh and splits the leading axis of every array
   in `rows` over it; jit then runs the steps data parallel. Unchanged without a mesh."""
   if mesh is None:

@@ -424,3 +424,7 @@ def test_rm_accuracy_by_difference_on_its_held_out_comparisons(full_run, workdir
   assert out["remark text"]["pairs"] == 1 and out["answer"]["pairs"] == 1
   assert evaluate.reward_model_breakdown(rm, workdirs["rm"], task, batch_size=8, layout=layout,
                                          tokenizer=tokenizer) is None  # no comparisons there
+  (rm_dir / "comparisons" / "eval.jsonl").write_text(json.dumps(dict(ranking, ranks=[0])) + "\n")
+  with pytest.raises(InputError, match="eval.jsonl:1"):
+    evaluate.reward_model_breakdown(rm, str(rm_dir), task, batch_size=8, layout=layout,
+                                    tokenizer=tokenizer)

@@ -41,6 +41,7 @@ from jax.experimental import multihost_utils
 
 from instructjax import checkpoint, evaluation, parallel, report
 from instructjax.data import pipeline, records
+from instructjax.data.rankings import read_rankings
 from instructjax.data.synthetic import what_differs
 from instructjax.data.tokenizers import Tokenizer
 from instructjax.errors import InputError
@@ -381,8 +382,7 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
   path = os.path.join(reward_workdir, comparisons.COMPARISONS_DIR, "eval.jsonl")
   if not os.path.isfile(path):
     return None
-  with open(path) as f:
-    rankings = [json.loads(line) for line in f if line.strip()]
+  rankings, _ = read_rankings(path)  # a damaged file stops with its file:line
   if not rankings or any("gold_scores" not in r for r in rankings):
     return None
   prompts = [r["prompt"] for r in rankings for _ in r["responses"]]
