@@ -178,6 +178,27 @@ def test_pytorch_peers_run_at_a_toy_shape(tmp_path):
   rows = peers.main(["all", "--layers", "1", "--d_model", "32", "--heads", "2", "--vocab", "64",
                      "--seq", "16", "--batch", "4", "--prompt_len", "4", "--new_tokens", "4",
                      "--runs", "1", "--json", str(path)])
-  assert [r["stage"] for r in rows] == ["sft", "reward", "generate"]
+  with_trl = ["ppo"] if peers._has_trl() else []  # `all` runs TRL's PPO only where trl is
+  assert [r["stage"] for r in rows] == ["sft", "reward", "generate", *with_trl]
   assert all(r["throughput"] > 0 for r in rows)
   assert json.loads(path.read_text())["rows"][2]["unit"] == "new tokens/s"
+
+
+def test_trl_ppo_peer_runs_at_a_toy_shape():
+  pytest.importorskip("trl")
+  from experiments import peers
+  [row] = peers.main(["ppo", "--layers", "1", "--d_model", "32", "--heads", "2", "--vocab", "64",
+                      "--ppo_rollouts", "4", "--ppo_prompt_len", "4", "--ppo_new_tokens", "4",
+                      "--ppo_epochs", "1", "--runs", "1"])
+  assert row["stage"] == "ppo" and row["unit"] == "rollouts/s" and row["throughput"] > 0
+
+
+def test_trl_ppo_peer_without_trl_says_so(monkeypatch, capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  from experiments import peers
+  monkeypatch.setattr(peers, "_has_trl", lambda: False)
+  with pytest.raises(SystemExit) as exit_info:
+    peers.main(["ppo"])
+  assert exit_info.value.code == 1
+  assert "trl==1.12.0" in capsys.readouterr().err
