@@ -167,6 +167,12 @@ def test_write_report_writes_json_markdown_tables_and_png_plots(tmp_path):
   assert "| PPO | 2.100 | +0.400 |" in md  # pretraining loss and its change against SFT
   assert "| 0.660 | – | 0.800 | 0.730 | 10 |" in md
   assert md.index("| answer | 2 | 0.500 | 0.250 | 0.750 |") < md.index("| all | 3 |")
+  assert "SFT likelihood" not in md
+  for likelihood, row in zip((0.8, 0.6), results["reward_model"]["by_difference"].values()):
+    row["sft_likelihood_gold_accuracy"] = likelihood
+  md = open(report.write_report(str(tmp_path / "with_sft"), results, curves)["markdown"]).read()
+  assert "| Labeler ceiling | SFT likelihood (gold order) |" in md
+  assert "| answer | 2 | 0.500 | 0.250 | 0.750 | 0.600 |" in md
   for name in (report.WIN_RATE_PNG, report.SCORE_VS_KL_PNG, report.PTX_LOSS_PNG):
     assert f"]({name})" in md
   assert "- PPO-ptx: no workdir given" in md
@@ -422,6 +428,26 @@ def test_rm_accuracy_by_difference_on_its_held_out_comparisons(full_run, workdir
   # answer vs answer+remark and the two remarks of different length: what_differs' three kinds.
   assert set(out) == {"all", "remark", "answer", "remark text"}
   assert out["remark text"]["pairs"] == 1 and out["answer"]["pairs"] == 1
+  assert all("sft_likelihood_gold_accuracy" not in row for row in out.values())
+
+  # With the SFT policy: its log-likelihood of each response orders the pairs too, checked here
+  # against a plain forward over the unpadded prompt + response + EOS.
+  sft_policy = evaluate.load_policy("sft", workdirs["sft"], config, layout, tokenizer)
+  with_sft = evaluate.reward_model_breakdown(
+      rm, str(rm_dir), task, batch_size=8, layout=layout, tokenizer=tokenizer,
+      sft_policy=sft_policy, compiled=evaluate.Compiled(layout, tokenizer))
+  model = nnx.merge(sft_policy.handle.graphdef, sft_policy.params)
+  likelihood = []
+  for response in responses:
+    prompt_ids = tokenizer.encode(prompt)
+    ids = np.array(prompt_ids + tokenizer.encode(response) + [tokenizer.eos_id])
+    logits, _ = model(ids[None], np.ones((1, len(ids)), np.int32))
+    log_probs = np.asarray(jax.nn.log_softmax(logits[0, :-1]))
+    likelihood.append(sum(log_probs[t - 1, ids[t]] for t in range(len(prompt_ids), len(ids))))
+  right = [(likelihood[a] > likelihood[b]) == (gold[a] > gold[b]) for a, b in
+           itertools.combinations(range(4), 2) if gold[a] != gold[b]]
+  assert with_sft["all"]["sft_likelihood_gold_accuracy"] == pytest.approx(np.mean(right))
+  assert with_sft["all"]["gold_accuracy"] == out["all"]["gold_accuracy"]
   assert evaluate.reward_model_breakdown(rm, workdirs["rm"], task, batch_size=8, layout=layout,
                                          tokenizer=tokenizer) is None  # no comparisons there
   (rm_dir / "comparisons" / "eval.jsonl").write_text(json.dumps(dict(ranking, ranks=[0])) + "\n")

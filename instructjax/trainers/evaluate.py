@@ -372,13 +372,32 @@ def reward_model_summary(config, task) -> dict[str, Any] | None:
   return summary
 
 
+def _sft_log_likelihoods(sft_policy: Policy, prompts: Sequence[str], responses: Sequence[str], *,
+                         max_prompt_len: int, batch_size: int, compiled: Compiled) -> np.ndarray:
+  """log pi_SFT(response + EOS | prompt) of each whole response; prompts keep their last
+  `max_prompt_len` tokens, as the reward model reads them."""
+  eos = compiled.tokenizer.eos_id
+  completions = [generate.Completion(p, r, (*compiled.tokenizer.encode(r), eos), True, 0.0)
+                 for p, r in zip(prompts, responses)]
+  log_probs, mask = response_log_probs(sft_policy, prompts, completions,
+                                       prompt_len=max_prompt_len,
+                                       max_new_tokens=max(len(c.tokens) for c in completions),
+                                       batch_size=batch_size, compiled=compiled)
+  return (log_probs * mask).sum(1)
+
+
 def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, *,
-                           batch_size: int, layout, tokenizer: Tokenizer
+                           batch_size: int, layout, tokenizer: Tokenizer,
+                           sft_policy: Policy | None = None, compiled: Compiled | None = None
                            ) -> dict[str, dict[str, float]] | None:
   """The RM's accuracy on its held-out synthetic comparisons, by what differs between the two
   responses (`synthetic.what_differs`): does it judge the remark the rankers dislike, the answer
   itself, or neither? None when there are no held-out comparisons with gold scores (e.g. an RM
-  trained on files)."""
+  trained on files).
+
+  With `sft_policy` (and `compiled`), each kind also gets `sft_likelihood_gold_accuracy`: how
+  often the SFT policy's own log-likelihood of the responses orders the same pairs like the gold
+  score — what the reward model's initialisation knows, next to what the RM learned to read."""
   path = os.path.join(reward_workdir, comparisons.COMPARISONS_DIR, "eval.jsonl")
   if not os.path.isfile(path):
     return None
@@ -386,17 +405,29 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
   if not rankings or any("gold_scores" not in r for r in rankings):
     return None
   prompts = [r["prompt"] for r in rankings for _ in r["responses"]]
-  rewards = iter(rm.score(prompts, [t for r in rankings for t in r["responses"]],
-                          batch_size=batch_size, layout=layout, tokenizer=tokenizer))
-  pairs = []
-  for r in rankings:
-    scores = [float(next(rewards)) for _ in r["responses"]]
-    for a, b in itertools.combinations(range(len(scores)), 2):
-      pairs.append((what_differs(r["responses"][a], r["responses"][b]), scores[a], scores[b],
-                    r["gold_scores"][a], r["gold_scores"][b], r["ranks"][a], r["ranks"][b]))
+  responses = [t for r in rankings for t in r["responses"]]
   rm_config = stage_config(reward_workdir)  # the world the comparisons were ranked in
   task = synthetic_task(rm_config) if rm_config is not None else fallback_task
-  return evaluation.pair_accuracy_by_kind(pairs, task.labeler_agreement_ceiling)
+
+  def by_kind(scores: np.ndarray) -> dict[str, dict[str, float]]:
+    scores = iter(scores.tolist())
+    pairs = []
+    for r in rankings:
+      mine = [next(scores) for _ in r["responses"]]
+      for a, b in itertools.combinations(range(len(mine)), 2):
+        pairs.append((what_differs(r["responses"][a], r["responses"][b]), mine[a], mine[b],
+                      r["gold_scores"][a], r["gold_scores"][b], r["ranks"][a], r["ranks"][b]))
+    return evaluation.pair_accuracy_by_kind(pairs, task.labeler_agreement_ceiling)
+
+  out = by_kind(rm.score(prompts, responses, batch_size=batch_size, layout=layout,
+                         tokenizer=tokenizer))
+  if sft_policy is not None:
+    likelihood = by_kind(_sft_log_likelihoods(sft_policy, prompts, responses,
+                                              max_prompt_len=rm.max_prompt_len,
+                                              batch_size=batch_size, compiled=compiled))
+    for kind, row in out.items():
+      row["sft_likelihood_gold_accuracy"] = likelihood[kind]["gold_accuracy"]
+  return out
 
 
 def _settings(config, documents_text: str) -> dict[str, Any]:
@@ -465,7 +496,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rm_summary = reward_model_summary(config, task)
   if rm_summary:
     breakdown = reward_model_breakdown(rm, config.reward_from, task, layout=layout,
-                                       tokenizer=tokenizer, batch_size=config.sampling.batch_size)
+                                       tokenizer=tokenizer, batch_size=config.sampling.batch_size,
+                                       sft_policy=sft_policy, compiled=compiled)
     if breakdown:
       rm_summary["by_difference"] = breakdown
     results["reward_model"] = rm_summary
