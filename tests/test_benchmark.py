@@ -111,6 +111,8 @@ def test_sft_stage_reports_mfu_and_compile_scaling(tmp_path, capsys):
   row = result["rows"][0]
   assert row["unit"] == "tokens/s" and row["compile_s"] > 0
   assert 0 < row["mfu"] and 0 < row["mfu_cpu"]
+  fastest_probe = result["matmul"]["large"]["gflops_per_s_spread"][1]
+  assert row["mfu_best"] == pytest.approx(row["model_gflop"] / row["min_s"] / fastest_probe)
   assert set(result["compile_s_by_layers"]) == {"1", "2"}
   assert result["matmul"]["large"]["gflops_per_s"] > 0
   out = capsys.readouterr().out
