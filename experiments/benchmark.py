@@ -12,7 +12,11 @@ Stages (random-init models, synthetic batches; the reference shape is the defaul
             RewardTrainer) runs 2 sequences per pair, so `seq_pairs/s` = sequences / 2 / s is also
             reported: it is the number to compare with such trainers.
   sampling  KV-cached decode (`sampling.Sampler`, greedy) of --new_tokens after --prompt_len;
-            throughput: new tokens/s (prefill included). Also reports the uncached recompute.
+            throughput: new tokens/s (prefill included). Also reports the uncached recompute,
+            and the bytes a decode step must read (every weight and the whole KV cache, in the
+            compute dtype) per measured step time, against a memory read rate measured in the
+            same run (a sum over 256 MiB on CPU, 4 GiB on an accelerator): small-batch decoding's
+            roofline is bandwidth, not FLOPs.
   ppo       one PPO-ptx iteration (`objectives.ppo`) with a random-init policy, reference, value
             and reward model of the same shape: --ppo_rollouts prompts of --ppo_prompt_len tokens
             sampled to --ppo_new_tokens (rollout), `score_phase` + `advantage_phase` (score),
@@ -183,6 +187,30 @@ class MatmulProbe:
     return out
 
 
+class ReadProbe:
+  """The device's measured memory read rate, the roofline of a batch-small decode step (which
+  reads every weight and the whole KV cache once per token): a float32 sum over an array far
+  larger than any cache (256 MiB on CPU, 4 GiB on an accelerator), on one device."""
+
+  def __init__(self, nbytes: int | None = None):
+    accelerator = jax.default_backend() != "cpu"
+    self.bytes = nbytes or ((4 << 30) if accelerator else (256 << 20))
+    with one_device():
+      x = jnp.ones((self.bytes // 4,), jnp.float32)
+      total = jax.jit(jnp.sum).lower(x).compile()
+    self._call = functools.partial(total, x)
+    jax.block_until_ready(self._call())
+    self.rates: list[float] = []
+
+  def sample(self) -> None:
+    wall, _ = timed(self._call)
+    self.rates.append(self.bytes / wall)
+
+  def result(self) -> dict[str, Any]:
+    return {"bytes": self.bytes, "gb_per_s": statistics.median(self.rates) / 1e9,
+            "gb_per_s_spread": [min(self.rates) / 1e9, max(self.rates) / 1e9]}
+
+
 def measure(phases: dict[str, Callable[[], Any]], runs: int, probe: MatmulProbe | None
             ) -> dict[str, dict[str, Any]]:
   """Runs the phases in order `runs` times after one warm-up round, then samples the matmul probe
@@ -245,6 +273,14 @@ def decode_step_flops(cfg: ModelConfig, batch: int, cache_len: int) -> int:
   """Matmul FLOPs of one single-token decode step over the whole cache (what the code runs:
   attention is not restricted to the filled slots)."""
   return forward_flops(cfg, batch, cache_len, unembedded=batch)
+
+
+def decode_step_bytes(cfg: ModelConfig, batch: int, cache_len: int) -> int:
+  """Bytes one decode step must read at least, in the compute dtype: every matmul weight once
+  (the token embedding only as the tied unembedding; a gathered row is negligible) and the
+  whole KV cache (keys and values of every layer, every slot: attention runs over all of it)."""
+  cache = 2 * cfg.n_layers * batch * cache_len * cfg.n_kv_heads * cfg.head_dim
+  return (matmul_params(cfg) + cache) * jnp.dtype(cfg.compute_dtype).itemsize
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -519,6 +555,9 @@ def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
   phases = {"prefill": lambda: prefill_compiled(params, prompts, mask),
             "cached": lambda: cached(params, prompts, mask, rng)}
   timing = measure(phases, args.runs, probe)
+  read_probe = None if args.no_probe else ReadProbe()
+  for _ in range(0 if read_probe is None else args.runs):
+    read_probe.sample()
   prefill_times = summary(timing["prefill"]["wall"])
   cached_times = summary(timing["cached"]["wall"])
   decode_s = cached_times["median_s"] - prefill_times["median_s"]
@@ -539,7 +578,15 @@ def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
       "decode_step_ms": 1e3 * step_s,
       "decode_step_mflops": step_flops / 1e6,
       "decode_gflops_per_s": step_flops / step_s / 1e9 if step_s > 0 else float("nan"),
+      "decode_step_mbytes": decode_step_bytes(cfg, args.batch, cache_len) / 1e6,
   }
+  result["decode_gb_per_s"] = (result["decode_step_mbytes"] / 1e3 / step_s if step_s > 0
+                               else float("nan"))
+  if read_probe is not None:
+    result["read"] = read_probe.result()
+    # The share of the bandwidth roofline reached: its bound step time / the measured step time.
+    result["decode_bandwidth_utilisation"] = (result["decode_gb_per_s"]
+                                              / result["read"]["gb_per_s"])
   if not args.skip_uncached:
     uncached = sampling.Sampler(graphdef, config, fn=sampling.sample_uncached, mesh=mesh, **ids)
     uncached_timing = measure({"uncached": lambda: uncached(params, prompts, mask, rng)},
@@ -733,7 +780,12 @@ def print_table(result: dict[str, Any]) -> None:
             f"(pairwise trainers): {row['seq_pairs_per_s']:.1f} pairs/s")
     if r["stage"] == "sampling":
       line = (f"sampling: prefill {r['prefill_ms']:.1f} ms, decode step {r['decode_step_ms']:.2f}"
-              f" ms ({r['decode_gflops_per_s']:.1f} GFLOP/s)")
+              f" ms ({r['decode_gflops_per_s']:.1f} GFLOP/s; reads {r['decode_step_mbytes']:.1f} "
+              f"MB, {r['decode_gb_per_s']:.1f} GB/s")
+      if "read" in r:
+        line += (f" = {100 * r['decode_bandwidth_utilisation']:.0f}% of the measured read rate "
+                 f"{r['read']['gb_per_s']:.1f} GB/s")
+      line += ")"
       if "uncached" in r:
         line += (f"; KV cache speed-up over recompute "
                  f"{r['cached']['tokens_per_s'] / r['uncached']['tokens_per_s']:.1f}x")

@@ -12,7 +12,7 @@ from flax import nnx
 
 from experiments import benchmark
 from instructjax.models.config import ModelConfig
-from instructjax.models.decoder import LanguageModel, ScalarModel
+from instructjax.models.decoder import KVCache, LanguageModel, ScalarModel
 from instructjax.objectives import sft
 
 TOY = ["--layers", "1", "--d_model", "32", "--heads", "2", "--vocab", "64", "--seq", "16",
@@ -91,6 +91,30 @@ def test_the_reference_shape_flops_are_the_documented_numbers():
   assert round(2048 * per_token / 1e9, 1) == 43.5
 
 
+@pytest.mark.parametrize("fields", CONFIGS, ids=["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_step_bytes_are_the_weights_and_the_whole_cache(fields, dtype):
+  """Every weight matrix the step multiplies by (w*, the untied LM head or the tied embedding;
+  not biases, norms, the position table or a token embedding that is only gathered) and the
+  cache the model builds, in the compute dtype."""
+  cfg = ModelConfig(**fields, dtype=dtype)
+  _, params = split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
+  multiplied = {"lm_head"} | ({"embed"} if cfg.tie_embeddings else set())
+  weights = sum(x.size for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                if path[-1].key.startswith("w") or path[-1].key in multiplied)
+  cache = sum(x.size for x in KVCache.zeros(cfg, 3, 20))
+  itemsize = 4 if dtype == "float32" else 2
+  assert benchmark.decode_step_bytes(cfg, 3, 20) == (weights + cache) * itemsize
+
+
+def test_read_probe_measures_a_rate():
+  probe = benchmark.ReadProbe(nbytes=1 << 20)
+  probe.sample()
+  probe.sample()
+  result = probe.result()
+  assert result["bytes"] == 1 << 20 and 0 < result["gb_per_s_spread"][0] <= result["gb_per_s"]
+
+
 def run(tmp_path, stage, *extra):
   path = tmp_path / f"{stage}.json"
   result = benchmark.main([stage, *TOY, *extra, "--json", str(path)])
@@ -136,6 +160,20 @@ def test_sampling_stage_keeps_its_report(tmp_path):
   check_rows(result, ["sampling", "prefill", "uncached"])
   assert result["cached"]["tokens_per_s"] > 0 and result["uncached"]["tokens_per_s"] > 0
   assert result["decode_step_mflops"] > 0
+  assert result["decode_step_mbytes"] > 0 and "read" not in result  # no probe, no roofline
+
+
+def test_sampling_stage_reports_the_decode_bandwidth_against_a_measured_read_rate(tmp_path):
+  result = run(tmp_path, "sampling", "--prompt_len", "4", "--new_tokens", "4", "--skip_uncached")
+  cfg = ModelConfig(flavour="gpt2", vocab_size=64, d_model=32, n_layers=1, n_heads=2,
+                    d_ff=128, max_len=8)
+  assert result["decode_step_mbytes"] == pytest.approx(
+      benchmark.decode_step_bytes(cfg, 4, 8) / 1e6)
+  assert result["decode_gb_per_s"] == pytest.approx(
+      result["decode_step_mbytes"] / result["decode_step_ms"])
+  assert result["read"]["gb_per_s"] > 0
+  assert result["decode_bandwidth_utilisation"] == pytest.approx(
+      result["decode_gb_per_s"] / result["read"]["gb_per_s"])
 
 
 def test_ppo_stage_splits_the_iteration(tmp_path):

@@ -435,7 +435,7 @@ def test_rm_accuracy_by_difference_on_its_held_out_comparisons(full_run, workdir
   sft_policy = evaluate.load_policy("sft", workdirs["sft"], config, layout, tokenizer)
   with_sft = evaluate.reward_model_breakdown(
       rm, str(rm_dir), task, batch_size=8, layout=layout, tokenizer=tokenizer,
-      sft_policy=sft_policy, compiled=evaluate.Compiled(layout, tokenizer))
+      sft_policy=sft_policy)
   model = nnx.merge(sft_policy.handle.graphdef, sft_policy.params)
   likelihood = []
   for response in responses:

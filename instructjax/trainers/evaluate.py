@@ -395,9 +395,9 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
   itself, or neither? None when there are no held-out comparisons with gold scores (e.g. an RM
   trained on files).
 
-  With `sft_policy` (and `compiled`), each kind also gets `sft_likelihood_gold_accuracy`: how
-  often the SFT policy's own log-likelihood of the responses orders the same pairs like the gold
-  score — what the reward model's initialisation knows, next to what the RM learned to read."""
+  With `sft_policy`, each kind also gets `sft_likelihood_gold_accuracy`: how often the SFT
+  policy's own log-likelihood of the responses orders the same pairs like the gold score — what
+  the reward model's initialisation knows, next to what the RM learned to read."""
   path = os.path.join(reward_workdir, comparisons.COMPARISONS_DIR, "eval.jsonl")
   if not os.path.isfile(path):
     return None
@@ -424,7 +424,8 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
   if sft_policy is not None:
     likelihood = by_kind(_sft_log_likelihoods(sft_policy, prompts, responses,
                                               max_prompt_len=rm.max_prompt_len,
-                                              batch_size=batch_size, compiled=compiled))
+                                              batch_size=batch_size,
+                                              compiled=compiled or Compiled(layout, tokenizer)))
     for kind, row in out.items():
       row["sft_likelihood_gold_accuracy"] = likelihood[kind]["gold_accuracy"]
   return out
