@@ -25,7 +25,8 @@ LAUNCH = REPO / "launch"
 TPU_POD = LAUNCH / "tpu_pod.sh"
 SLURM_SUBMIT = LAUNCH / "slurm_submit.sh"
 SLURM_BATCH = LAUNCH / "slurm_gpu.sbatch"
-SCRIPTS = [TPU_POD, SLURM_SUBMIT, SLURM_BATCH]
+GPU_CHECKS = LAUNCH / "gpu_checks.sh"
+SCRIPTS = [TPU_POD, SLURM_SUBMIT, SLURM_BATCH, GPU_CHECKS]
 
 # What the scripts (and the commands they send to the workers) may call besides the stubs.
 TOOLS = ["bash", "cat", "cp", "dirname", "env", "hostname", "mkdir", "mv", "nohup", "rm",
@@ -534,3 +535,42 @@ def test_slurm_submit_without_sbatch_fails_clearly(sandbox):
   assert result.returncode != 0
   assert "sbatch is not on PATH" in result.stderr and "--dry_run" in result.stderr
   assert result.stdout == "" and sandbox.calls() == []
+
+
+# --- gpu_checks.sh -------------------------------------------------------------------------
+
+TINY_CHECKS = dict(SHAPE="--layers 1 --d_model 32 --heads 2 --vocab 64", SEQ="16", BATCH="4",
+                   SAMPLING_FLAGS="--prompt_len 4 --new_tokens 4 --skip_uncached",
+                   FIT_LAYERS="1 2")
+
+
+def run_gpu_checks(*args, **env):
+  return subprocess.run([str(GPU_CHECKS), *args], capture_output=True, text=True, timeout=900,
+                        env={**os.environ, "PYTHON": sys.executable, **env})
+
+
+def test_gpu_checks_run_end_to_end_at_a_tiny_shape_on_cpu(tmp_path):
+  """The script the H200 session runs, at a toy shape: each check's JSON and log, and the fit
+  search's answer (both depths run, so the deepest is the last one tried)."""
+  out = tmp_path / "checks"
+  result = run_gpu_checks("--out", str(out), "--only", "sft,sampling", "--fit", "--",
+                          "--runs", "1", **TINY_CHECKS)
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert json.loads((out / "sft.json").read_text())["rows"][0]["stage"] == "sft"
+  sampling = json.loads((out / "sampling.json").read_text())
+  assert sampling["shape"]["new_tokens"] == 4 and sampling["read"]["gb_per_s"] > 0
+  assert (out / "fit.txt").read_text() == "sft: deepest that ran 2 layers (tried 1 2)\n"
+  assert "jax" in (out / "versions.log").read_text() and "== 0 failed" in result.stdout
+
+
+def test_gpu_checks_count_a_failing_check_and_go_on(tmp_path):
+  result = run_gpu_checks("--out", str(tmp_path), "--only", "sft,sampling", "--",
+                          "--runs", "1", "--devices", "64", **TINY_CHECKS)
+  assert result.returncode == 2, result.stdout + result.stderr  # both stages failed, both ran
+  assert "!! sft failed" in result.stdout and "!! sampling failed" in result.stdout
+
+
+def test_gpu_checks_refuse_an_unknown_stage_before_running_anything(tmp_path):
+  result = run_gpu_checks("--out", str(tmp_path / "x"), "--only", "sft,rm")
+  assert result.returncode == 2 and "unknown stage 'rm'" in result.stderr
+  assert not (tmp_path / "x").exists()
