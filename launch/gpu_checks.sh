@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue #8's accelerator checks in one run on one GPU (sized for an H200: about 8 minutes, the
-# fit search about 10 more), so that a session lent a device spends its minutes measuring:
+# Issue #8's accelerator checks in one run on one GPU (sized for an H200, where it should take
+# under 10 minutes and the fit search about as long again; not yet timed on one), so that a
+# session lent a device spends its minutes measuring:
 #   sft, reward, ppo  the steps and their MFU at a ~1.1B Llama-shaped bfloat16 model
 #                     (22 layers, d_model 2048, 32 heads, d_ff 5632, vocab 32000);
 #   sampling          cached decoding at that model, against the memory-read roofline the
@@ -39,7 +40,7 @@ while (($#)); do
     --fit) fit=1; shift ;;
     --python) python="$2"; shift 2 ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_checks.sh: unknown flag $1 (see --help)" >&2; exit 2 ;;
   esac
 done
