@@ -555,9 +555,12 @@ def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
   phases = {"prefill": lambda: prefill_compiled(params, prompts, mask),
             "cached": lambda: cached(params, prompts, mask, rng)}
   timing = measure(phases, args.runs, probe)
-  read_probe = None if args.no_probe else ReadProbe()
-  for _ in range(0 if read_probe is None else args.runs):
-    read_probe.sample()
+  read_rate = None
+  if not args.no_probe:
+    read_probe = ReadProbe()
+    for _ in range(args.runs):
+      read_probe.sample()
+    read_rate = read_probe.result()
   prefill_times = summary(timing["prefill"]["wall"])
   cached_times = summary(timing["cached"]["wall"])
   decode_s = cached_times["median_s"] - prefill_times["median_s"]
@@ -582,8 +585,8 @@ def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
   }
   result["decode_gb_per_s"] = (result["decode_step_mbytes"] / 1e3 / step_s if step_s > 0
                                else float("nan"))
-  if read_probe is not None:
-    result["read"] = read_probe.result()
+  if read_rate is not None:
+    result["read"] = read_rate
     # The share of the bandwidth roofline reached: its bound step time / the measured step time.
     result["decode_bandwidth_utilisation"] = (result["decode_gb_per_s"]
                                               / result["read"]["gb_per_s"])

@@ -188,7 +188,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--ppo_epochs", type=int, default=4)
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--json", default=None)
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.runs < 1:
+    parser.error(f"--runs {args.runs}: time at least one run")
+  return args
 
 
 def _has_trl() -> bool:

@@ -34,6 +34,9 @@ fit=0
 python="${PYTHON:-python3}"
 extra=()
 while (($#)); do
+  if [[ "$1" == --out || "$1" == --only || "$1" == --python ]] && (($# < 2)); then
+    echo "gpu_checks.sh: $1 needs a value (see --help)" >&2; exit 2
+  fi
   case "$1" in
     --out) out="$2"; shift 2 ;;
     --only) only="$2"; shift 2 ;;

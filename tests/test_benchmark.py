@@ -233,6 +233,13 @@ def test_trl_ppo_peer_runs_at_a_toy_shape():
   assert row["stage"] == "ppo" and row["unit"] == "rollouts/s" and row["throughput"] > 0
 
 
+def test_peers_refuse_zero_runs(capsys):
+  from experiments import peers
+  with pytest.raises(SystemExit) as exit_info:
+    peers.parse(["sft", "--runs", "0"])
+  assert exit_info.value.code == 2 and "--runs 0" in capsys.readouterr().err
+
+
 def test_trl_ppo_peer_without_trl_says_so(monkeypatch, capsys):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")

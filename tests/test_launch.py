@@ -574,3 +574,5 @@ def test_gpu_checks_refuse_an_unknown_stage_before_running_anything(tmp_path):
   result = run_gpu_checks("--out", str(tmp_path / "x"), "--only", "sft,rm")
   assert result.returncode == 2 and "unknown stage 'rm'" in result.stderr
   assert not (tmp_path / "x").exists()
+  result = run_gpu_checks("--out")
+  assert result.returncode == 2 and "--out needs a value" in result.stderr
