@@ -144,17 +144,23 @@ def render_markdown(results: Mapping[str, Any], curves: Mapping[str, Any],
     by_difference = rm.get("by_difference")
     if by_difference:
       with_sft = all("sft_likelihood_gold_accuracy" in row for row in by_difference.values())
+      with_train = all("train_gold_accuracy" in row for row in by_difference.values())
       out += ["The same held-out pairs by what differs between the two responses: only one "
               "carries a remark after its answer, the answers differ, or only the remark's text "
               "does. A gap to the ceiling shows what the reward model cannot judge."
+              + (" \"On training pairs\" is the RM's gold-order accuracy on its own training "
+                 "rankings: as low there as held out, it never learned that kind of pair; much "
+                 "higher, it memorised." if with_train else "")
               + (" The last column orders the pairs by the SFT policy's own log-likelihood of "
                  "each response (the reward model's initialisation): what the RM could have "
                  "learned to read." if with_sft else ""), ""]
       out += _table(["Pairs that differ in", "Pairs", "Accuracy (labeler)",
                      "Accuracy (gold order)", "Labeler ceiling"]
+                    + (["On training pairs (gold order)"] if with_train else [])
                     + (["SFT likelihood (gold order)"] if with_sft else []),
                     [[kind, str(row["pairs"]), _number(row["labeler_accuracy"]),
                       _number(row["gold_accuracy"]), _number(row["labeler_ceiling"])]
+                     + ([_number(row["train_gold_accuracy"])] if with_train else [])
                      + ([_number(row["sft_likelihood_gold_accuracy"])] if with_sft else [])
                      for kind, row in sorted(by_difference.items(),
                                              key=lambda item: (item[0] == "all", item[0]))]) + [""]

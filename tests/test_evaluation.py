@@ -173,6 +173,14 @@ def test_write_report_writes_json_markdown_tables_and_png_plots(tmp_path):
   md = open(report.write_report(str(tmp_path / "with_sft"), results, curves)["markdown"]).read()
   assert "| Labeler ceiling | SFT likelihood (gold order) |" in md
   assert "| answer | 2 | 0.500 | 0.250 | 0.750 | 0.600 |" in md
+  for train, row in zip((0.9, float("nan")), results["reward_model"]["by_difference"].values()):
+    row["train_gold_accuracy"] = train
+  written = report.write_report(str(tmp_path / "with_train"), results, curves)
+  md = open(written["markdown"]).read()
+  assert "| On training pairs (gold order) | SFT likelihood (gold order) |" in md
+  assert "| answer | 2 | 0.500 | 0.250 | 0.750 | – | 0.600 |" in md  # no such training pair
+  with open(written["json"]) as f:
+    json.load(f)  # the NaN is written as strict JSON
   for name in (report.WIN_RATE_PNG, report.SCORE_VS_KL_PNG, report.PTX_LOSS_PNG):
     assert f"]({name})" in md
   assert "- PPO-ptx: no workdir given" in md
@@ -424,6 +432,7 @@ def test_rm_accuracy_by_difference_on_its_held_out_comparisons(full_run, workdir
   right = [(scores[a] > scores[b]) == (gold[a] > gold[b]) for a, b in
            itertools.combinations(range(4), 2) if gold[a] != gold[b]]
   assert out["all"]["pairs"] == len(right) == 6
+  right_rm = right
   assert out["all"]["gold_accuracy"] == pytest.approx(np.mean(right))
   # answer vs answer+remark and the two remarks of different length: what_differs' three kinds.
   assert set(out) == {"all", "remark", "answer", "remark text"}
@@ -448,6 +457,16 @@ def test_rm_accuracy_by_difference_on_its_held_out_comparisons(full_run, workdir
            itertools.combinations(range(4), 2) if gold[a] != gold[b]]
   assert with_sft["all"]["sft_likelihood_gold_accuracy"] == pytest.approx(np.mean(right))
   assert with_sft["all"]["gold_accuracy"] == out["all"]["gold_accuracy"]
+
+  # On its training rankings: the first `train_rankings` of them, scored by the same RM.
+  flipped = dict(ranking, gold_scores=[1.0 - g for g in gold])
+  (rm_dir / "comparisons" / "train.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in (flipped, ranking)))
+  with_train = evaluate.reward_model_breakdown(rm, str(rm_dir), task, batch_size=8,
+                                               layout=layout, tokenizer=tokenizer,
+                                               train_rankings=1)
+  assert with_train["all"]["train_gold_accuracy"] == pytest.approx(1 - np.mean(right_rm))
+  assert "train_gold_accuracy" not in out["all"]
   assert evaluate.reward_model_breakdown(rm, workdirs["rm"], task, batch_size=8, layout=layout,
                                          tokenizer=tokenizer) is None  # no comparisons there
   (rm_dir / "comparisons" / "eval.jsonl").write_text(json.dumps(dict(ranking, ranks=[0])) + "\n")

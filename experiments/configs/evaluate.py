@@ -29,6 +29,9 @@ def get_config(arg: str = "tiny"):
   c.model = base.model_config(size)
   c.models = config_dict.ConfigDict(dict(gpt="", sft="", ppo="", ppo_ptx=""))
   c.reward_from = ""          # a reward-model workdir: RM scores and its held-out accuracy
+  # The RM breakdown also scores this many of its training rankings: an RM that misjudges a kind
+  # of pair there as well never learned it (underfitting), rather than overfitting. 0: off.
+  c.rm_train_rankings = 256
   c.synthetic = base.synthetic_config()
   c.split = "eval"            # held-out prompts, disjoint from SFT/RM/PPO training prompts
   c.num_prompts = 256

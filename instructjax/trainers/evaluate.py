@@ -386,10 +386,20 @@ def _sft_log_likelihoods(sft_policy: Policy, prompts: Sequence[str], responses: 
   return (log_probs * mask).sum(1)
 
 
+def _graded_rankings(reward_workdir: str, split: str) -> list[dict]:
+  """The synthetic comparisons of one split ("eval" or "train") that carry gold scores; [] when
+  there are none (e.g. an RM trained on files). A damaged file stops with its file:line."""
+  path = os.path.join(reward_workdir, comparisons.COMPARISONS_DIR, f"{split}.jsonl")
+  if not os.path.isfile(path):
+    return []
+  rankings, _ = read_rankings(path)
+  return rankings if rankings and all("gold_scores" in r for r in rankings) else []
+
+
 def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, *,
                            batch_size: int, layout, tokenizer: Tokenizer,
-                           sft_policy: Policy | None = None, compiled: Compiled | None = None
-                           ) -> dict[str, dict[str, float]] | None:
+                           sft_policy: Policy | None = None, compiled: Compiled | None = None,
+                           train_rankings: int = 0) -> dict[str, dict[str, float]] | None:
   """The RM's accuracy on its held-out synthetic comparisons, by what differs between the two
   responses (`synthetic.what_differs`): does it judge the remark the rankers dislike, the answer
   itself, or neither? None when there are no held-out comparisons with gold scores (e.g. an RM
@@ -397,19 +407,22 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
 
   With `sft_policy`, each kind also gets `sft_likelihood_gold_accuracy`: how often the SFT
   policy's own log-likelihood of the responses orders the same pairs like the gold score — what
-  the reward model's initialisation knows, next to what the RM learned to read."""
-  path = os.path.join(reward_workdir, comparisons.COMPARISONS_DIR, "eval.jsonl")
-  if not os.path.isfile(path):
+  the reward model's initialisation knows, next to what the RM learned to read.
+
+  With `train_rankings` > 0, each kind also gets `train_gold_accuracy`: the RM's gold-order
+  accuracy on the first `train_rankings` of its own training rankings. Low there too means the RM
+  did not learn to judge that kind at all (underfitting), high there only means it memorised."""
+  rankings = _graded_rankings(reward_workdir, "eval")
+  if not rankings:
     return None
-  rankings, _ = read_rankings(path)  # a damaged file stops with its file:line
-  if not rankings or any("gold_scores" not in r for r in rankings):
-    return None
-  prompts = [r["prompt"] for r in rankings for _ in r["responses"]]
-  responses = [t for r in rankings for t in r["responses"]]
   rm_config = stage_config(reward_workdir)  # the world the comparisons were ranked in
   task = synthetic_task(rm_config) if rm_config is not None else fallback_task
 
-  def by_kind(scores: np.ndarray) -> dict[str, dict[str, float]]:
+  def texts(rankings):
+    return ([r["prompt"] for r in rankings for _ in r["responses"]],
+            [t for r in rankings for t in r["responses"]])
+
+  def by_kind(rankings, scores: np.ndarray) -> dict[str, dict[str, float]]:
     scores = iter(scores.tolist())
     pairs = []
     for r in rankings:
@@ -419,15 +432,24 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
                       r["gold_scores"][a], r["gold_scores"][b], r["ranks"][a], r["ranks"][b]))
     return evaluation.pair_accuracy_by_kind(pairs, task.labeler_agreement_ceiling)
 
-  out = by_kind(rm.score(prompts, responses, batch_size=batch_size, layout=layout,
-                         tokenizer=tokenizer))
+  def rm_by_kind(rankings):
+    prompts, responses = texts(rankings)
+    return by_kind(rankings, rm.score(prompts, responses, batch_size=batch_size, layout=layout,
+                                      tokenizer=tokenizer))
+
+  out = rm_by_kind(rankings)
   if sft_policy is not None:
-    likelihood = by_kind(_sft_log_likelihoods(sft_policy, prompts, responses,
-                                              max_prompt_len=rm.max_prompt_len,
-                                              batch_size=batch_size,
-                                              compiled=compiled or Compiled(layout, tokenizer)))
+    prompts, responses = texts(rankings)
+    likelihood = by_kind(rankings, _sft_log_likelihoods(
+        sft_policy, prompts, responses, max_prompt_len=rm.max_prompt_len, batch_size=batch_size,
+        compiled=compiled or Compiled(layout, tokenizer)))
     for kind, row in out.items():
       row["sft_likelihood_gold_accuracy"] = likelihood[kind]["gold_accuracy"]
+  train = _graded_rankings(reward_workdir, "train")[:train_rankings]
+  if train:
+    on_train = rm_by_kind(train)
+    for kind, row in out.items():  # a kind absent from the training slice gets NaN ("–")
+      row["train_gold_accuracy"] = on_train.get(kind, {}).get("gold_accuracy", float("nan"))
   return out
 
 
@@ -498,7 +520,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if rm_summary:
     breakdown = reward_model_breakdown(rm, config.reward_from, task, layout=layout,
                                        tokenizer=tokenizer, batch_size=config.sampling.batch_size,
-                                       sft_policy=sft_policy, compiled=compiled)
+                                       sft_policy=sft_policy, compiled=compiled,
+                                       train_rankings=config.rm_train_rankings)
     if breakdown:
       rm_summary["by_difference"] = breakdown
     results["reward_model"] = rm_summary
