@@ -429,11 +429,10 @@ def test_rm_accuracy_by_difference_on_its_held_out_comparisons(full_run, workdir
                                         tokenizer=tokenizer)
   scores = rm.score([prompt] * 4, responses, batch_size=8, layout=layout, tokenizer=tokenizer)
   gold = ranking["gold_scores"]
-  right = [(scores[a] > scores[b]) == (gold[a] > gold[b]) for a, b in
-           itertools.combinations(range(4), 2) if gold[a] != gold[b]]
-  assert out["all"]["pairs"] == len(right) == 6
-  right_rm = right
-  assert out["all"]["gold_accuracy"] == pytest.approx(np.mean(right))
+  rm_right = [(scores[a] > scores[b]) == (gold[a] > gold[b]) for a, b in
+              itertools.combinations(range(4), 2) if gold[a] != gold[b]]
+  assert out["all"]["pairs"] == len(rm_right) == 6
+  assert out["all"]["gold_accuracy"] == pytest.approx(np.mean(rm_right))
   # answer vs answer+remark and the two remarks of different length: what_differs' three kinds.
   assert set(out) == {"all", "remark", "answer", "remark text"}
   assert out["remark text"]["pairs"] == 1 and out["answer"]["pairs"] == 1
@@ -465,7 +464,7 @@ def test_rm_accuracy_by_difference_on_its_held_out_comparisons(full_run, workdir
   with_train = evaluate.reward_model_breakdown(rm, str(rm_dir), task, batch_size=8,
                                                layout=layout, tokenizer=tokenizer,
                                                train_rankings=1)
-  assert with_train["all"]["train_gold_accuracy"] == pytest.approx(1 - np.mean(right_rm))
+  assert with_train["all"]["train_gold_accuracy"] == pytest.approx(1 - np.mean(rm_right))
   assert "train_gold_accuracy" not in out["all"]
   assert evaluate.reward_model_breakdown(rm, workdirs["rm"], task, batch_size=8, layout=layout,
                                          tokenizer=tokenizer) is None  # no comparisons there
