@@ -379,6 +379,9 @@ def test_bad_configs_name_the_field(workdirs, tmp_path):
     evaluate.run(eval_config(), str(tmp_path))
   with pytest.raises(InputError, match="config.models.ppo"):
     evaluate.run(eval_config(**{"models.ppo": str(tmp_path / "typo")}), str(tmp_path))
+  with pytest.raises(InputError, match="config.rm_train_rankings: must be >= 0"):
+    evaluate.run(eval_config(**{"models.sft": workdirs["sft"], "rm_train_rankings": -1}),
+                 str(tmp_path))
   # A PPO entry that points at an SFT run has no params/policy: the error says so.
   with pytest.raises(InputError, match="params/policy"):
     evaluate.run(eval_config(**{"models.ppo": workdirs["sft"], "kl_from_sft": False,

@@ -84,6 +84,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise InputError("config.reward_from", f"{config.reward_from} is not a directory")
   if config.num_prompts < 1:
     raise InputError("config.num_prompts", f"must be >= 1, got {config.num_prompts}")
+  if config.rm_train_rankings < 0:
+    raise InputError("config.rm_train_rankings",
+                     f"must be >= 0 (0 turns the training-pairs column off), got "
+                     f"{config.rm_train_rankings}")
   if config.few_shot.n_shots < 0:
     raise InputError("config.few_shot.n_shots", f"must be >= 0, got {config.few_shot.n_shots}")
   if config.ptx_eval.source not in ("synthetic", "files", "none"):
@@ -432,14 +436,12 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
                       r["gold_scores"][a], r["gold_scores"][b], r["ranks"][a], r["ranks"][b]))
     return evaluation.pair_accuracy_by_kind(pairs, task.labeler_agreement_ceiling)
 
-  def rm_by_kind(rankings):
-    prompts, responses = texts(rankings)
-    return by_kind(rankings, rm.score(prompts, responses, batch_size=batch_size, layout=layout,
-                                      tokenizer=tokenizer))
+  def rm_scores(prompts, responses):
+    return rm.score(prompts, responses, batch_size=batch_size, layout=layout, tokenizer=tokenizer)
 
-  out = rm_by_kind(rankings)
+  prompts, responses = texts(rankings)
+  out = by_kind(rankings, rm_scores(prompts, responses))
   if sft_policy is not None:
-    prompts, responses = texts(rankings)
     likelihood = by_kind(rankings, _sft_log_likelihoods(
         sft_policy, prompts, responses, max_prompt_len=rm.max_prompt_len, batch_size=batch_size,
         compiled=compiled or Compiled(layout, tokenizer)))
@@ -447,7 +449,7 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
       row["sft_likelihood_gold_accuracy"] = likelihood[kind]["gold_accuracy"]
   train = _graded_rankings(reward_workdir, "train")[:train_rankings]
   if train:
-    on_train = rm_by_kind(train)
+    on_train = by_kind(train, rm_scores(*texts(train)))
     for kind, row in out.items():  # a kind absent from the training slice gets NaN ("–")
       row["train_gold_accuracy"] = on_train.get(kind, {}).get("gold_accuracy", float("nan"))
   return out
