@@ -14,6 +14,20 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
 
 
+def _parse_flags(argv):
+  """absl's parser, but a bad `--config.x=y` override (ml_collections raises it as an
+  AttributeError or KeyError from inside flag parsing) ends in one line naming the field, not a
+  traceback from the config library."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    # ml_collections nests the KeyError's repr in the AttributeError's: unwrap both.
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    message = "; ".join(line.strip("'\" ") for line in text.splitlines() if line.strip("'\" "))
+    print(f"error: bad --config override: no field {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   del argv
   from instructjax import parallel
@@ -43,4 +57,4 @@ def main(argv):
 if __name__ == "__main__":
   from experiments import host
   host.reexec("experiments.run", sys.argv[1:])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -58,3 +58,13 @@ def test_stages_are_picked_by_name_and_a_typo_is_an_error(tmp_path):
   bad = run_pipeline(tmp_path, "--config.stages=sft,rm")
   assert bad.returncode == 2 and "unknown stages" in bad.stderr
   assert not os.path.exists(tmp_path / "sft")
+
+
+def test_a_mistyped_override_is_one_line_naming_the_field(tmp_path):
+  bad = run_pipeline(tmp_path, "--config.evaluate.rm_train_rankngs=5")
+  assert bad.returncode == 2, bad.stderr[-3000:]
+  assert "Traceback" not in bad.stderr
+  assert bad.stderr.strip().splitlines()[-1] == (
+      'error: bad --config override: no field rm_train_rankngs; Did you mean "rm_train_rankings" '
+      'instead of "rm_train_rankngs"?')
+  assert not os.path.exists(tmp_path / "evaluate")
