@@ -151,6 +151,84 @@ def test_policy_loss_gradient_vanishes_only_where_clipped():
   np.testing.assert_allclose(grad, [[0.0, -1.1 / 4, 0.0, 0.9 / 4]], rtol=1e-5)
 
 
+def test_policy_loss_weights_each_token_and_pass_no_gradient_through_the_weights():
+  rng = np.random.default_rng(7)
+  shape = (3, 5)
+  old = rng.normal(-2.0, 0.5, size=shape).astype(np.float32)
+  logp = old + rng.normal(0.0, 0.3, size=shape).astype(np.float32)
+  adv = rng.normal(size=shape).astype(np.float32)
+  weights = rng.uniform(0.2, 2.0, size=shape).astype(np.float32)
+  mask = right_padded_mask([5, 2, 4], 5)
+  m = mask > 0
+  ratio = np.exp(logp[m].astype(np.float64) - old[m])
+  a = adv[m]
+  per_token = np.maximum(-a * ratio, -a * np.clip(ratio, 0.8, 1.2))
+  weighted = lambda w: ppo.policy_loss(jnp.asarray(logp), jnp.asarray(old), jnp.asarray(adv),
+                                       jnp.asarray(mask), 0.2, None, w)[0]
+  np.testing.assert_allclose(weighted(jnp.asarray(weights)), (per_token * weights[m]).mean(),
+                             rtol=1e-5)
+  np.testing.assert_allclose(weighted(jnp.ones(shape)), weighted(None), rtol=1e-6)
+  assert np.all(np.asarray(jax.grad(weighted)(jnp.asarray(weights))) == 0)
+
+
+@pytest.mark.parametrize("cap", [None, 1.5])
+def test_sampler_gap_metrics_and_truncated_importance_weights_match_numpy(cap):
+  rng = np.random.default_rng(8)
+  shape = (4, 6)
+  mask = right_padded_mask([6, 3, 1, 5], 6)
+  logp = np.where(mask > 0, rng.normal(-2.0, 1.0, size=shape), 0.0).astype(np.float32)
+  gap = rng.normal(0.0, 0.4, size=shape).astype(np.float32)
+  sample_logp = np.where(mask > 0, logp - gap, 0.0).astype(np.float32)
+  cfg = ppo.PPOConfig(is_weight_cap=cap)
+  metrics, weights = ppo.sampler_gap(dict(logp=jnp.asarray(logp),
+                                          sample_logp=jnp.asarray(sample_logp)),
+                                     jnp.asarray(mask > 0), cfg)
+  m = mask > 0
+  ratio = np.exp(gap[m].astype(np.float64))
+  np.testing.assert_allclose(metrics["sampler_logp_gap"], np.abs(gap[m]).mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["sampler_logp_gap_max"], np.abs(gap[m]).max(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["sampler_ratio_max"], ratio.max(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["sampler_ratio_min"], ratio.min(), rtol=1e-5)
+  if cap is None:
+    assert weights is None and "is_weight_mean" not in metrics
+    return
+  expected = np.minimum(ratio, cap)
+  np.testing.assert_allclose(np.asarray(weights)[m], expected, rtol=1e-5)
+  assert np.all(np.asarray(weights)[~m] == 0)
+  np.testing.assert_allclose(metrics["is_weight_mean"], expected.mean(), rtol=1e-5)
+
+
+def test_is_weight_cap_needs_the_samplers_logprobs_and_a_cap_of_at_least_one():
+  with pytest.raises(InputError, match="is_weight_cap"):
+    ppo.PPOConfig(is_weight_cap=0.5)
+  real = jnp.ones((1, 2), bool)
+  with pytest.raises(InputError, match="no sample_logp"):
+    ppo.sampler_gap(dict(logp=jnp.zeros((1, 2))), real, ppo.PPOConfig(is_weight_cap=2.0))
+  assert ppo.sampler_gap(dict(logp=jnp.zeros((1, 2))), real, ppo.PPOConfig()) == ({}, None)
+
+
+def test_capped_update_on_an_on_policy_rollout_equals_the_plain_update(models):
+  """The sampler's own log-probs give weights 1 (up to rounding): capping changes nothing."""
+  policy_graphdef, policy_params, value_graphdef, value_params = models
+  plain = ppo.PPOConfig(ppo_epochs=1, ptx_coef=0.0, normalise_reward=False)
+  capped = dataclasses.replace(plain, is_weight_cap=2.0)
+  scored = dict(_scored(models, plain))
+  scored["sample_logp"] = scored["logp"]
+  optimizers = dict(policy=optax.sgd(1e-2), value=optax.sgd(1e-2))
+  results = {}
+  for name, cfg in (("plain", plain), ("capped", capped)):
+    rollout, metrics = ppo.advantage_phase(scored, cfg.kl_coef, cfg)
+    assert float(metrics["sampler_logp_gap"]) == 0.0
+    state = ppo.init_state(policy_params, value_params, optimizers, cfg, seed=0)
+    results[name] = jax.jit(functools.partial(
+        ppo.ppo_update, policy_graphdef=policy_graphdef, value_graphdef=value_graphdef,
+        optimizers=optimizers, cfg=cfg))(state, rollout)
+  np.testing.assert_allclose(results["capped"][1]["policy_loss"],
+                             results["plain"][1]["policy_loss"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               results["capped"][0]["params"], results["plain"][0]["params"])
+
+
 @pytest.mark.parametrize("eps", [0.2, None, 0.0])
 def test_value_loss_matches_numpy_including_clip_boundaries(eps):
   rng = np.random.default_rng(3)
@@ -344,12 +422,16 @@ _SCORED = {}
 def scored_rollout(models, cfg, seed=0, batch=8):
   """A scored rollout with a random programmatic score, then cfg's advantages. The scoring, the
   same for every test's cfg here, is compiled once per batch size."""
+  return ppo.advantage_phase(_scored(models, cfg, seed, batch), cfg.kl_coef, cfg)[0]
+
+
+def _scored(models, cfg, seed=0, batch=8):
   key = (seed, batch, cfg.temperature, cfg.normalise_reward, id(models))
   if key not in _SCORED:
     r = make_rollout(seed=seed, batch=batch)
     r["score_raw"] = jnp.asarray(np.random.default_rng(seed + 1).normal(size=batch), jnp.float32)
     _SCORED[key] = jax.jit(lambda r: score(models, r, cfg))(r)
-  return ppo.advantage_phase(_SCORED[key], cfg.kl_coef, cfg)[0]
+  return _SCORED[key]
 
 
 def ptx_rows(shape, seed=0):

@@ -52,6 +52,7 @@ def ppo_section() -> config_dict.ConfigDict:
   p.ptx_coef = 27.8             # gamma of PPO-ptx (InstructGPT); 0 = plain PPO
   p.normalise_reward = True
   p.entropy_coef = 0.0
+  p.is_weight_cap = placeholder(float)  # truncated importance weights pi_old / pi_sampler; None = off
   p.value_init = "reward"       # trainer only: reward (RM's head + backbone) | zero (SFT backbone)
   return p
 

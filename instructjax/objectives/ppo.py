@@ -22,6 +22,12 @@ Rollout layout (the sampler's):
                                    RIGHT-padded with pad after its EOS
   mask           [B, P + N]        1 on real tokens of prompt and response (EOS included)
   response_mask  [B, N]            mask[:, P:]; N, and so P, is read from its shape
+  sample_logp    [B, N], optional  the sampler's log-probs of the response tokens. The sampler's
+                                   decode step and the training forward are different code, so
+                                   in bfloat16 they disagree slightly: the rollout was drawn from
+                                   pi_sampler, not from the pi_old that scoring computes.
+                                   advantage_phase reports the gap, and `is_weight_cap`
+                                   corrects for it.
 Every per-token rollout array ([B, N]: logp, ref_logp, values, kl, rewards, advantages, returns)
 is indexed by response token and is 0 on padding.
 
@@ -91,6 +97,10 @@ class PPOConfig:
   ptx_coef: float = 27.8             # gamma of PPO-ptx; 0 = plain PPO
   normalise_reward: bool = True      # score = gain * raw + bias (the RM's normalisation)
   entropy_coef: float = 0.0
+  # Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings
+  # you off-policy RL training"): each token's policy-gradient term is weighted by
+  # min(pi_old / pi_sampler, cap), computed once from the rollout's sample_logp. None = off.
+  is_weight_cap: float | None = None
 
   def __post_init__(self):
     problems = []
@@ -113,6 +123,9 @@ class PPOConfig:
       problems.append("adaptive_kl needs kl_target > 0 and kl_horizon > 0")
     if self.reward_clip is not None and not self.reward_clip > 0:
       problems.append(f"reward_clip must be > 0 or None, got {self.reward_clip!r}")
+    if self.is_weight_cap is not None and not self.is_weight_cap >= 1:
+      problems.append(f"is_weight_cap must be >= 1 or None, got {self.is_weight_cap!r} (a cap "
+                      "below 1 would shrink every on-policy token's gradient)")
     if problems:
       raise InputError("ppo config", "; ".join(problems))
 
@@ -255,8 +268,10 @@ def kl_controller_update(beta, observed_kl, n_steps, target, horizon) -> Array:
 # ---------------------------------------------------------------------------------------------
 
 def policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, clip_eps: float,
-                denominator=None) -> tuple[Array, dict[str, Array]]:
-  """PPO's clipped surrogate, a masked token mean of max(-A r, -A clip(r, 1 - eps, 1 + eps)).
+                denominator=None, weights: Array | None = None
+                ) -> tuple[Array, dict[str, Array]]:
+  """PPO's clipped surrogate, a masked token mean of max(-A r, -A clip(r, 1 - eps, 1 + eps)),
+  each token's term times `weights` (truncated importance weights; None = 1).
 
   aux: clipfrac (tokens where the clipped term is the larger), approx_kl = mean 0.5 (log r)^2
   (lm-human-preferences), ratio (mean r).
@@ -265,7 +280,10 @@ def policy_loss(logp: Array, old_logp: Array, advantages: Array, mask: Array, cl
   ratio = jnp.exp(log_ratio)
   unclipped = -advantages * ratio
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-  loss = masked_mean(jnp.maximum(unclipped, clipped), mask, denominator)
+  per_token = jnp.maximum(unclipped, clipped)
+  if weights is not None:
+    per_token = per_token * jax.lax.stop_gradient(weights)
+  loss = masked_mean(per_token, mask, denominator)
   aux = dict(clipfrac=masked_mean((clipped > unclipped).astype(jnp.float32), mask, denominator),
              approx_kl=masked_mean(0.5 * jnp.square(log_ratio), mask, denominator),
              ratio=masked_mean(ratio, mask, denominator))
@@ -415,7 +433,8 @@ def advantage_phase(rollout: Rollout, kl_coef, cfg: PPOConfig
     advantages = whiten(advantages, real)
   kl_sequence = kl.sum(-1)
   ended = rollout.get("ended", jnp.zeros(real.shape[:1], bool))
-  metrics = dict(
+  sampler_metrics, is_weight = sampler_gap(rollout, real, cfg)
+  metrics = dict(**sampler_metrics,
       score_raw=rollout.get("score_raw", rollout["score"]).mean(),
       score=rollout["score"].mean(),
       score_final=final_score(rollout["score"], ended, cfg).mean(),
@@ -430,7 +449,37 @@ def advantage_phase(rollout: Rollout, kl_coef, cfg: PPOConfig
       explained_variance=explained_variance(rollout["values"], returns, real))
   out = dict(rollout, kl=kl, kl_sequence=kl_sequence, rewards=rewards, advantages=advantages,
              returns=returns)
+  if is_weight is not None:
+    out["is_weight"] = is_weight
   return out, metrics
+
+
+def sampler_gap(rollout: Rollout, real: Array, cfg: PPOConfig
+                ) -> tuple[dict[str, Array], Array | None]:
+  """How far the sampler's log-probs are from scoring's (pi_old), and the truncated importance
+  weights when cfg.is_weight_cap is set.
+
+  Metrics over real response tokens (none without sample_logp): sampler_logp_gap (mean
+  |logp - sample_logp|), sampler_logp_gap_max, sampler_ratio_max and sampler_ratio_min (the
+  importance ratio pi_old / pi_sampler), and is_weight_mean (the weights' mean, 1 when uncapped
+  and on-policy).
+  """
+  if "sample_logp" not in rollout:
+    if cfg.is_weight_cap is not None:
+      raise InputError("ppo.is_weight_cap", "is set but the rollout carries no sample_logp (the "
+                       "sampler's log-probs)")
+    return {}, None
+  log_ratio = jnp.where(real, rollout["logp"] - rollout["sample_logp"], 0.0)
+  ratio = jnp.exp(log_ratio)
+  metrics = dict(sampler_logp_gap=masked_mean(jnp.abs(log_ratio), real),
+                 sampler_logp_gap_max=jnp.abs(log_ratio).max(),
+                 sampler_ratio_max=jnp.where(real, ratio, -jnp.inf).max(),
+                 sampler_ratio_min=jnp.where(real, ratio, jnp.inf).min())
+  if cfg.is_weight_cap is None:
+    return metrics, None
+  is_weight = jnp.where(real, jnp.minimum(ratio, cfg.is_weight_cap), 0.0)
+  metrics["is_weight_mean"] = masked_mean(is_weight, real)
+  return metrics, is_weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +487,11 @@ def advantage_phase(rollout: Rollout, kl_coef, cfg: PPOConfig
 # ---------------------------------------------------------------------------------------------
 
 TRAIN_FIELDS = ("tokens", "mask", "response_mask", "logp", "values", "advantages", "returns")
+
+
+def train_fields(cfg: PPOConfig) -> tuple[str, ...]:
+  """The rollout fields the update reads: TRAIN_FIELDS, and the importance weights if capped."""
+  return TRAIN_FIELDS + (("is_weight",) if cfg.is_weight_cap is not None else ())
 
 
 def init_state(policy_params, value_params, optimizers: Mapping[str, optax.GradientTransformation],
@@ -494,7 +548,7 @@ def _minibatch_loss(params, micro: Rollout, ptx: Rollout | None, denominators, *
   logp, entropy = _logp_and_entropy(policy_graphdef, params["policy"], micro["tokens"],
                                     micro["mask"], micro["response_mask"], cfg.temperature)
   pg_loss, pg_aux = policy_loss(logp, micro["logp"], micro["advantages"], real, cfg.clip_eps,
-                                n_tokens)
+                                n_tokens, micro.get("is_weight"))
   values = response_values(value_graphdef, params["value"], micro["tokens"], micro["mask"],
                            micro["response_mask"])
   vf_loss, vf_aux = value_loss(values, micro["values"], micro["returns"], real,
@@ -596,7 +650,7 @@ def ppo_update(state: State, rollout: Rollout, ptx: Rollout | None = None, *,
   keys = jax.random.split(jax.random.fold_in(state["rng"], state["step"]), epochs)
   order = jax.vmap(lambda key: jax.random.permutation(key, rows))(keys)
   order = order.reshape(epochs * per_epoch, rows // per_epoch)
-  fields = {name: rollout[name] for name in TRAIN_FIELDS}
+  fields = {name: rollout[name] for name in train_fields(cfg)}
 
   def step(state, xs):
     rows_of_minibatch, ptx_rows = xs

@@ -61,7 +61,7 @@ from instructjax.errors import InputError
 from instructjax.metrics import MetricWriter, Progress
 from instructjax.models.decoder import LanguageModel, ScalarModel
 from instructjax.objectives import ppo, sft
-from instructjax.sampling import Sampler, SamplingConfig
+from instructjax.sampling import SampleOutput, Sampler, SamplingConfig
 from instructjax.trainers import common, comparisons, data_sources, loop, sft_eval
 from instructjax.trainers.data_sources import lm_sources, synthetic_task
 from instructjax.trainers.lm import run_eval
@@ -398,7 +398,7 @@ def _rollout(prompt_tokens, prompt_mask, response_tokens, response_mask) -> dict
 @dataclasses.dataclass
 class Phases:
   rollout: Sampler   # (policy params, prompt tokens, prompt mask, key) -> SampleOutput
-  score: Callable    # (params, frozen, prompt tokens/mask, response tokens/mask) -> rollout
+  score: Callable    # (params, frozen, prompt tokens/mask, SampleOutput, gold score) -> rollout
   advantage: Callable  # (scored rollout, kl_coef) -> (rollout, metrics)
   update: Callable   # (state, rollout, ptx | None) -> (state, metrics); state donated
 
@@ -414,9 +414,9 @@ def jit_phases(config, layout, models: Models, frozen, shardings, optimizers,
                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=mesh,
                     param_shardings=models.policy.param_shardings, rules=layout.rules)
 
-  def score(params, frozen, prompt_tokens, prompt_mask, response_tokens, response_mask,
-            score_raw):
-    rollout = _rollout(prompt_tokens, prompt_mask, response_tokens, response_mask)
+  def score(params, frozen, prompt_tokens, prompt_mask, sample, score_raw):
+    rollout = _rollout(prompt_tokens, prompt_mask, sample.tokens, sample.mask)
+    rollout["sample_logp"] = sample.log_probs  # the sampler-vs-trainer gap (see objectives.ppo)
     if score_raw is not None:  # the gold reward, scored on the host
       rollout["score_raw"] = score_raw
     return ppo.score_phase(params, frozen, rollout,
@@ -429,8 +429,9 @@ def jit_phases(config, layout, models: Models, frozen, shardings, optimizers,
   episodes = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES))
   whole = parallel.replicated(mesh)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+  samples = SampleOutput(episodes, episodes, episodes, whole)
   score_jit = jax.jit(score, in_shardings=(shardings["params"], frozen_shardings, episodes,
-                                           episodes, episodes, episodes, episodes),
+                                           episodes, samples, episodes),
                       out_shardings=episodes)
   advantage_jit = jax.jit(functools.partial(ppo.advantage_phase, cfg=cfg),
                           in_shardings=(episodes, whole), out_shardings=(episodes, whole))
@@ -593,8 +594,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         gold_reward = jax.make_array_from_callback(
             gold.shape, NamedSharding(layout.mesh, PartitionSpec(parallel.BATCH_AXES)),
             lambda index: gold[index])
-      scored = phases.score(state["params"], frozen, prompts["tokens"], prompts["mask"],
-                            sample.tokens, sample.mask, gold_reward)
+      scored = phases.score(state["params"], frozen, prompts["tokens"], prompts["mask"], sample,
+                            gold_reward)
       started = _timed(window, "score", scored, started)
       rollout, rollout_metrics = phases.advantage(scored, state["kl_coef"])
       started = _timed(window, "advantage", rollout, started)
