@@ -243,6 +243,20 @@ def _heads_major(cache: KVCache) -> tuple:
   return tuple((to(cache.k[i]), to(cache.v[i])) for i in range(cache.k.shape[0]))
 
 
+def _in_compute_dtype(params, dtype) -> Any:
+  """The parameters the layers cast to the compute dtype at every use (every weight and bias but
+  the norms', which enter float32 maths), cast once. Parameters stay float32 and every layer
+  casts them per call: inside the decode loop that re-read the float32 weights and wrote a
+  bfloat16 copy at every token, three times the bytes of the step's own reads (measured on an
+  H200: half of a 1.1B model's decode time in those converts). Same values, so the same logits.
+  The barrier keeps XLA from sinking the casts back into the loop."""
+  def cast(path, x):
+    name = str(getattr(path[-1], "key", path[-1]))
+    floating = jnp.issubdtype(x.dtype, jnp.floating)
+    return x.astype(dtype) if floating and "norm" not in name else x
+  return jax.lax.optimization_barrier(jax.tree_util.tree_map_with_path(cast, params))
+
+
 def _layer_weights(model) -> list[dict[str, jax.Array]]:
   """Each layer's weights, sliced once. The barrier stops XLA from sinking the slices back into
   the loop body, where they would copy every weight on every step."""
@@ -319,6 +333,7 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, rng, *, config: Samplin
   n_real = prompt_valid.sum(1).astype(jnp.int32)
   first_logits, cache = _prefill(model, prompt_tokens, prompt_mask,
                                  prompt_len + config.max_new_tokens)
+  model = nnx.merge(graphdef, _in_compute_dtype(params, model.cfg.compute_dtype))
   weights = _layer_weights(model)
   response_slots = jnp.arange(config.max_new_tokens)
 

@@ -177,3 +177,23 @@ def test_padding_vocabulary_ids_are_never_predicted():
   probs = jax.nn.softmax(logits, -1)
   assert float(probs[..., 50:].sum()) == 0.0
   assert np.isfinite(np.asarray(jax.nn.log_softmax(logits))).all()
+
+
+def test_attention_is_cudnn_flash_only_where_it_applies():
+  """None picks cuDNN's flash attention on a GPU in bf16/fp16 without a KV cache, XLA's
+  elsewhere; an explicit choice always wins; an unknown one is refused."""
+  from instructjax.models.layers import attention_implementation
+  bf16 = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, dtype="bfloat16")
+  fp32 = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2)
+  wide_heads = ModelConfig(vocab_size=64, d_model=320, n_layers=1, n_heads=2, dtype="bfloat16")
+  assert attention_implementation(bf16, cached=False, backend="gpu") == "cudnn"
+  assert attention_implementation(bf16, cached=True, backend="gpu") == "xla"
+  assert attention_implementation(bf16, cached=False, backend="cpu") == "xla"
+  assert attention_implementation(bf16, cached=False, backend="tpu") == "xla"
+  assert attention_implementation(fp32, cached=False, backend="gpu") == "xla"
+  assert attention_implementation(wide_heads, cached=False, backend="gpu") == "xla"  # head 160
+  forced = ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, attention_impl="xla",
+                       dtype="bfloat16")
+  assert attention_implementation(forced, cached=False, backend="gpu") == "xla"
+  with pytest.raises(InputError, match="attention_impl"):
+    ModelConfig(vocab_size=64, d_model=64, n_layers=1, n_heads=2, attention_impl="flash")

@@ -11,9 +11,9 @@ from instructjax import parallel
 from instructjax.errors import InputError
 from instructjax.models.config import ModelConfig
 from instructjax.models.decoder import LanguageModel
-from instructjax.sampling import (Sampler, SamplingConfig, choose, filter_logits, repeat_prompts,
-                                  response_mask, row_keys, sample, sample_uncached, top_k_keep,
-                                  top_p_keep)
+from instructjax.sampling import (Sampler, SamplingConfig, _in_compute_dtype, choose,
+                                  filter_logits, repeat_prompts, response_mask, row_keys, sample,
+                                  sample_uncached, top_k_keep, top_p_keep)
 
 PAD = 0
 
@@ -96,6 +96,34 @@ def test_cached_decode_equals_full_recompute(flavour, config):
   assert int(cached.num_steps) == int(full.num_steps) == 10
   # Not a degenerate model: the continuations differ between prompts.
   assert len({tuple(row) for row in np.asarray(cached.tokens)}) > 1
+
+
+def test_decode_weights_are_cast_once_with_the_values_each_layer_would_use():
+  """Every weight and bias in the compute dtype, the norms' left in float32 (they enter float32
+  maths), and the same values the layers' own per-use casts give."""
+  _, params = split(tiny("gpt2", dtype="bfloat16"))
+  cast = _in_compute_dtype(params, jnp.bfloat16)
+  flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  for path, x in jax.tree_util.tree_flatten_with_path(cast)[0]:
+    name = str(path[-1].key)
+    expected = flat[path] if "norm" in name else flat[path].astype(jnp.bfloat16)
+    assert x.dtype == expected.dtype, name
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(expected, np.float32))
+  assert {str(p[-1].key) for p, x in jax.tree_util.tree_flatten_with_path(cast)[0]
+          if x.dtype == jnp.float32} == {"attn_norm_scale", "attn_norm_bias", "mlp_norm_scale",
+                                         "mlp_norm_bias", "final_norm_scale", "final_norm_bias"}
+
+
+def test_bfloat16_cached_decode_follows_the_bfloat16_recompute():
+  cfg = tiny("llama", dtype="bfloat16")
+  graphdef, params = split(cfg)
+  prompts, mask = left_pad(PROMPTS)
+  outs = [jax.jit(functools.partial(fn, graphdef, config=GREEDY, eos_id=NO_EOS, pad_id=PAD))(
+      params, prompts, mask, jax.random.PRNGKey(0)) for fn in (sample, sample_uncached)]
+  # bfloat16 rounding differs between the two paths, so a near tie may flip one argmax; the
+  # first tokens and the log-probs must agree.
+  np.testing.assert_array_equal(outs[0].tokens[:, :3], outs[1].tokens[:, :3])
+  np.testing.assert_allclose(outs[0].log_probs[:, :3], outs[1].log_probs[:, :3], atol=0.05)
 
 
 @pytest.mark.parametrize("flavour", ["gpt2", "llama"])

@@ -45,7 +45,7 @@ def model_config(size: str = "tiny", flavour: str = "gpt2") -> config_dict.Confi
   # floating-point rounding.
   m.remat = "dots"
   m.scan_unroll = 1
-  m.attention_impl = placeholder(str)
+  m.attention_impl = placeholder(str)  # None: cuDNN flash attention on GPU in bf16, else XLA
   m.init_std = 0.02
   m.init_from_hf = ""   # a local Hugging Face checkpoint dir: its architecture and weights
   m.update(MODEL_SIZES[size])

@@ -21,6 +21,9 @@ FLAVOURS = {
 REMAT_POLICIES = ("none", "full", "dots")
 
 
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Shapes and switches of the decoder; `None` fields take the flavour's default."""
@@ -44,7 +47,9 @@ class ModelConfig:
   dropout: float = 0.0
   remat: str = "none"                # "none" | "full" | "dots" (save matmul outputs only)
   scan_unroll: int = 1
-  attention_impl: str | None = None  # None lets jax pick (cuDNN flash attention on GPU)
+  # None: cuDNN's fused flash attention where it applies (see `layers.attention_implementation`),
+  # XLA's elsewhere; "xla" or "cudnn" forces one.
+  attention_impl: str | None = None
   init_std: float = 0.02
 
   def __post_init__(self):
@@ -78,6 +83,8 @@ class ModelConfig:
     if self.real_vocab_size is not None and not 0 < self.real_vocab_size <= self.vocab_size:
       problems.append(f"real_vocab_size={self.real_vocab_size} must be in "
                       f"(0, vocab_size={self.vocab_size}]")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      problems.append(f"attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     if problems:
       raise InputError("model config", "; ".join(problems))
 

@@ -73,6 +73,27 @@ def _project(x, w, b, dtype):
   return y + b.astype(dtype) if b is not None else y
 
 
+FLASH_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def attention_implementation(cfg: ModelConfig, cached: bool, backend: str | None = None) -> str:
+  """cfg.attention_impl, or for None cuDNN's fused flash attention where it applies: a GPU, a
+  bfloat16/float16 compute dtype, head_dim a multiple of 8 up to 128, and no KV cache (the
+  training, scoring and reward forwards; prefill and decode keep XLA's). XLA's otherwise.
+
+  Measured on an H200 at a 1.1B Llama shape (seq 2048, batch 8, bf16): XLA's attention writes
+  the [B, N, T, S] scores and probabilities to memory and back, 70 % of the SFT step in those
+  fusions; cuDNN's halves the step (673 -> 346 ms, 30 % -> 59 % MFU; the reward step likewise).
+  Both take the same boolean mask (cuDNN as an additive bias), so left padding is exact too.
+  """
+  if cfg.attention_impl is not None:
+    return cfg.attention_impl
+  backend = backend or jax.default_backend()
+  flash = (backend == "gpu" and not cached and cfg.compute_dtype in FLASH_DTYPES
+           and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128)
+  return "cudnn" if flash else "xla"
+
+
 def attention(cfg: ModelConfig, x, p: Params, positions, mask, cache_kv, cache_index):
   """Self-attention of x [B, T, D]; with a cache, writes this chunk's keys at `cache_index`."""
   dtype = cfg.compute_dtype
@@ -83,13 +104,14 @@ def attention(cfg: ModelConfig, x, p: Params, positions, mask, cache_kv, cache_i
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
   q = logical_constraint(q, ("batch", "length", "act_heads", "head_dim"))
+  implementation = attention_implementation(cfg, cached=cache_kv is not None)
   if cache_kv is not None:
     cache_k, cache_v = cache_kv
     k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
     v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
     cache_kv = (k, v)
   out = jax.nn.dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask=mask,
-                                     implementation=cfg.attention_impl)
+                                     implementation=implementation)
   out = jnp.einsum("btnh,nhd->btd", out, p["wo"].astype(dtype))
   if "bo" in p:
     out = out + p["bo"].astype(dtype)
