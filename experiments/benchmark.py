@@ -211,10 +211,12 @@ class ReadProbe:
             "gb_per_s_spread": [min(self.rates) / 1e9, max(self.rates) / 1e9]}
 
 
-def measure(phases: dict[str, Callable[[], Any]], runs: int, probe: MatmulProbe | None
-            ) -> dict[str, dict[str, Any]]:
+def measure(phases: dict[str, Callable[[], Any]], runs: int, probe: MatmulProbe | None,
+            profile: str | None = None) -> dict[str, dict[str, Any]]:
   """Runs the phases in order `runs` times after one warm-up round, then samples the matmul probe
-  `runs` times. Returns per phase the wall and CPU seconds of every run.
+  `runs` times. Returns per phase the wall and CPU seconds of every run. With `profile` (a
+  folder), one more round of the phases afterwards is traced (`jax.profiler`, a Perfetto trace under DIR that
+  `python -m experiments.profile_summary DIR` reads).
 
   The probe is not interleaved with the steps: with glibc's huge-page malloc, the first step
   after a different program's allocations pays the kernel's page compaction (+0.5 CPU-s at the
@@ -232,7 +234,12 @@ def measure(phases: dict[str, Callable[[], Any]], runs: int, probe: MatmulProbe 
   if probe is not None:
     for _ in range(runs):
       probe.sample()
+  if profile:
+    with jax.profiler.trace(profile, create_perfetto_trace=True):
+      for fn in phases.values():
+        jax.block_until_ready(fn())
   return {name: {"wall": walls[name], "cpu": cpus[name]} for name in phases}
+
 
 
 def compile_timed(jitted, *args) -> tuple[Any, float]:
@@ -307,6 +314,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--batch", type=int, default=16, help="sequences per step (all stages)")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--scan_unroll", type=int, default=1, help="ModelConfig.scan_unroll")
+  parser.add_argument("--attention_impl", default=None, choices=["xla", "cudnn"],
+                      help="ModelConfig.attention_impl (default: cuDNN's flash attention on a "
+                      "GPU in bfloat16, XLA's elsewhere; see layers.attention_implementation)")
   parser.add_argument("--remat", default="dots", choices=["none", "full", "dots"],
                       help="ModelConfig.remat; the configs' default is dots")
   parser.add_argument("--devices", type=int, default=1,
@@ -316,6 +326,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--json", default=None, help="also write the results to this file")
   parser.add_argument("--no_probe", action="store_true",
                       help="skip the matmul-rate probe (no MFU)")
+  parser.add_argument("--profile", default=None,
+                      help="trace one more round of the timed steps into this folder "
+                      "(summarise with python -m experiments.profile_summary DIR)")
   # sft
   parser.add_argument("--compile_depths", default="4,16",
                       help="layer counts whose SFT step compile time is reported ('' = skip)")
@@ -347,7 +360,7 @@ def model_config(args: argparse.Namespace, max_len: int) -> ModelConfig:
   return ModelConfig(flavour=args.flavour, vocab_size=args.vocab, d_model=args.d_model,
                      n_layers=args.layers, n_heads=args.heads, d_ff=args.d_ff,
                      max_len=max(max_len, 64), dtype=args.dtype, scan_unroll=args.scan_unroll,
-                     remat=args.remat)
+                     remat=args.remat, attention_impl=args.attention_impl)
 
 
 def split(model) -> tuple[nnx.GraphDef, Any]:
@@ -358,7 +371,8 @@ def split(model) -> tuple[nnx.GraphDef, Any]:
 def shape_of(args: argparse.Namespace, cfg: ModelConfig) -> dict[str, Any]:
   return dict(flavour=cfg.flavour, layers=cfg.n_layers, d_model=cfg.d_model, heads=cfg.n_heads,
               d_ff=cfg.d_ff, vocab=cfg.vocab_size, seq=args.seq, batch=args.batch,
-              dtype=cfg.dtype, scan_unroll=cfg.scan_unroll, remat=cfg.remat)
+              dtype=cfg.dtype, scan_unroll=cfg.scan_unroll, remat=cfg.remat,
+              attention_impl=cfg.attention_impl)
 
 
 def random_tokens(rng: np.random.Generator, shape, vocab: int) -> jax.Array:
@@ -411,7 +425,8 @@ def phase_row(name: str, timing: dict[str, list[float]], flops: float, units: fl
   if probe is not None and flops:
     large = probe.result()["large"]
     row["mfu"] = row["gflops_per_s"] / large["gflops_per_s"]
-    row["mfu_cpu"] = flops / max(cpu_s, 1e-9) / 1e9 / large["gflops_per_cpu_s"]
+    if jax.default_backend() == "cpu":  # on an accelerator the host's CPU time says nothing
+      row["mfu_cpu"] = flops / max(cpu_s, 1e-9) / 1e9 / large["gflops_per_cpu_s"]
     row["mfu_best"] = flops / wall["min_s"] / 1e9 / large["gflops_per_s_spread"][1]
   return row
 
@@ -478,7 +493,7 @@ def run_sft(args: argparse.Namespace) -> dict[str, Any]:
   state, batch = place(data_mesh(args), state, batch)
   compiled, compile_s = compile_timed(step, state, batch)
   probe = make_probe(args, (args.batch * args.seq, cfg.d_model, cfg.d_ff))
-  timing = measure({"sft": stateful(compiled, state, batch)}, args.runs, probe)
+  timing = measure({"sft": stateful(compiled, state, batch)}, args.runs, probe, args.profile)
   n_tokens = args.batch * args.seq
   flops = 3 * forward_flops(cfg, n_tokens, args.seq, unembedded=n_tokens)
   rows = [phase_row("sft", timing["sft"], flops, n_tokens, "tokens/s", probe, compile_s)]
@@ -514,7 +529,8 @@ def run_reward(args: argparse.Namespace) -> dict[str, Any]:
                                    schedule=schedule), donate_argnums=0)
   compiled, compile_s = compile_timed(step, state, batch)
   probe = make_probe(args, (args.batch * args.seq, cfg.d_model, cfg.d_ff))
-  timing = measure({"reward": stateful(compiled, state, batch)}, args.runs, probe)
+  timing = measure({"reward": stateful(compiled, state, batch)}, args.runs, probe,
+                   args.profile)
   n_tokens = args.batch * args.seq
   # The scalar head runs at every position (the reward is read at the last one).
   flops = 3 * forward_flops(cfg, n_tokens, args.seq, scalar_positions=n_tokens)
@@ -554,7 +570,7 @@ def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
   probe = make_probe(args, (args.batch, cfg.d_model, cfg.d_ff))
   phases = {"prefill": lambda: prefill_compiled(params, prompts, mask),
             "cached": lambda: cached(params, prompts, mask, rng)}
-  timing = measure(phases, args.runs, probe)
+  timing = measure(phases, args.runs, probe, args.profile)
   read_rate = None
   if not args.no_probe:
     read_probe = ReadProbe()
@@ -656,8 +672,7 @@ def run_ppo(args: argparse.Namespace) -> dict[str, Any]:
   out = jax.block_until_ready(sampler(state0["params"]["policy"], prompts, prompt_mask,
                                       jax.random.PRNGKey(0)))
   rollout_compile_s = time.perf_counter() - start
-  rollout = dict(tokens=jnp.concatenate([prompts, out.tokens], 1),
-                 mask=jnp.concatenate([prompt_mask, out.mask], 1), response_mask=out.mask)
+  rollout = as_rollout(prompts, prompt_mask, out)
   score_c, score_compile_s = compile_timed(score, state0["params"], frozen, rollout)
   scored = score_c(state0["params"], frozen, rollout)
   advantage_c, advantage_compile_s = compile_timed(advantage, scored, state0["kl_coef"])
@@ -671,9 +686,7 @@ def run_ppo(args: argparse.Namespace) -> dict[str, Any]:
     params = holder["state"]["params"]
     sample = sampler(params["policy"], prompts, prompt_mask,
                      jax.random.fold_in(jax.random.PRNGKey(0), holder["state"]["step"]))
-    live["rollout"] = dict(tokens=jnp.concatenate([prompts, sample.tokens], 1),
-                           mask=jnp.concatenate([prompt_mask, sample.mask], 1),
-                           response_mask=sample.mask)
+    live["rollout"] = as_rollout(prompts, prompt_mask, sample)
     return live["rollout"]["tokens"]
 
   def do_score():
@@ -687,7 +700,7 @@ def run_ppo(args: argparse.Namespace) -> dict[str, Any]:
 
   probe = make_probe(args, (B * T, cfg.d_model, cfg.d_ff))
   timing = measure({"rollout": do_rollout, "score": do_score, "update": do_update}, args.runs,
-                   probe)
+                   probe, args.profile)
   rollout_flops = (forward_flops(cfg, B * P, T, unembedded=B)
                    + (N - 1) * decode_step_flops(cfg, B, T))
   # policy and reference: logits at the N predicting positions; value and reward: scalar heads.
@@ -710,12 +723,22 @@ def run_ppo(args: argparse.Namespace) -> dict[str, Any]:
                     score_compile_s + advantage_compile_s),
           phase_row("  update", timing["update"], update_flops, B, "rollouts/s", probe,
                     update_compile_s)]
+  # The last timed rollout: how far the sampler's log-probs are from the score phase's.
+  gap = {k: float(v) for k, v in jax.device_get(live["metrics"]).items()
+         if k.startswith("sampler_")}
   out = finish("ppo", args, cfg, rows, probe,
-               {"ppo": dict(rollouts=B, prompt_len=P, new_tokens=N, epochs=args.ppo_epochs,
+               {"sampler_gap": gap, "ppo": dict(rollouts=B, prompt_len=P, new_tokens=N, epochs=args.ppo_epochs,
                             minibatches=args.ppo_minibatches, ptx_coef=args.ptx_coef,
                             ptx_rows_per_step=per_step_rows if ptx is not None else 0,
                             ptx_seq=ptx_seq if ptx is not None else 0)})
   return out
+
+
+def as_rollout(prompts, prompt_mask, sample: sampling.SampleOutput) -> dict[str, jax.Array]:
+  """The PPO objective's rollout layout, with the sampler's log-probs (`sample_logp`)."""
+  return dict(tokens=jnp.concatenate([prompts, sample.tokens], 1),
+              mask=jnp.concatenate([prompt_mask, sample.mask], 1), response_mask=sample.mask,
+              sample_logp=sample.log_probs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -793,6 +816,11 @@ def print_table(result: dict[str, Any]) -> None:
         line += (f"; KV cache speed-up over recompute "
                  f"{r['cached']['tokens_per_s'] / r['uncached']['tokens_per_s']:.1f}x")
       print(line)
+    if r.get("sampler_gap"):
+      g = r["sampler_gap"]
+      print(f"ppo: sampler vs score-phase log-probs |diff| mean {g['sampler_logp_gap']:.2e}, max "
+            f"{g['sampler_logp_gap_max']:.2e}; importance ratio pi_old / pi_sampler in "
+            f"[{g['sampler_ratio_min']:.4f}, {g['sampler_ratio_max']:.4f}]")
     if "compile_s_by_layers" in r:
       by = ", ".join(f"{k} layers {v:.1f} s" for k, v in r["compile_s_by_layers"].items())
       print(f"sft step compile time (scan_unroll={r['shape']['scan_unroll']}): {by}")
