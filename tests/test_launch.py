@@ -541,7 +541,7 @@ def test_slurm_submit_without_sbatch_fails_clearly(sandbox):
 
 TINY_CHECKS = dict(SHAPE="--layers 1 --d_model 32 --heads 2 --vocab 64", SEQ="16", BATCH="4",
                    SAMPLING_FLAGS="--prompt_len 4 --new_tokens 4 --skip_uncached",
-                   FIT_LAYERS="1 2")
+                   SAMPLING_BATCHES="4", ATTENTION="", FIT_LAYERS="1 2")
 
 
 def run_gpu_checks(*args, **env):
@@ -550,15 +550,20 @@ def run_gpu_checks(*args, **env):
 
 
 def test_gpu_checks_run_end_to_end_at_a_tiny_shape_on_cpu(tmp_path):
-  """The script the H200 session runs, at a toy shape: each check's JSON and log, and the fit
-  search's answer (both depths run, so the deepest is the last one tried)."""
+  """The script the H200 session runs, at a toy shape: each check's JSON and log, the extra
+  attention implementation's run, the profile summary, and the fit search's answer (both depths
+  run, so the deepest is the last one tried)."""
   out = tmp_path / "checks"
-  result = run_gpu_checks("--out", str(out), "--only", "sft,sampling", "--fit", "--",
-                          "--runs", "1", **TINY_CHECKS)
+  result = run_gpu_checks("--out", str(out), "--only", "sft,sampling", "--fit", "--profile",
+                          "--budget", "600", "--", "--runs", "1",
+                          **dict(TINY_CHECKS, ATTENTION="xla"))
   assert result.returncode == 0, result.stdout + result.stderr
   assert json.loads((out / "sft.json").read_text())["rows"][0]["stage"] == "sft"
-  sampling = json.loads((out / "sampling.json").read_text())
+  assert json.loads((out / "sft_xla.json").read_text())["shape"]["attention_impl"] == "xla"
+  sampling = json.loads((out / "sampling_b4.json").read_text())
   assert sampling["shape"]["new_tokens"] == 4 and sampling["read"]["gb_per_s"] > 0
+  profile = json.loads((out / "profile_sft.json").read_text())
+  assert profile["total_ms"] > 0 and sum(k["share"] for k in profile["kinds"].values()) > 0.99
   assert (out / "fit.txt").read_text() == "sft: deepest that ran 2 layers (tried 1 2)\n"
   assert "jax" in (out / "versions.log").read_text() and "== 0 failed" in result.stdout
 
@@ -567,12 +572,23 @@ def test_gpu_checks_count_a_failing_check_and_go_on(tmp_path):
   result = run_gpu_checks("--out", str(tmp_path), "--only", "sft,sampling", "--",
                           "--runs", "1", "--devices", "64", **TINY_CHECKS)
   assert result.returncode == 2, result.stdout + result.stderr  # both stages failed, both ran
-  assert "!! sft failed" in result.stdout and "!! sampling failed" in result.stdout
+  assert "!! sft failed" in result.stdout and "!! sampling_b4 failed" in result.stdout
+
+
+def test_gpu_checks_skip_what_the_budget_or_a_missing_pipeline_leaves_no_room_for(tmp_path):
+  result = run_gpu_checks("--out", str(tmp_path / "a"), "--only", "sft,reward", "--budget", "5",
+                          **TINY_CHECKS)
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert "!! sft skipped: " in result.stdout and "!! reward skipped: " in result.stdout
+  result = run_gpu_checks("--out", str(tmp_path / "b"), "--only", "gap", **TINY_CHECKS)
+  assert result.returncode == 1 and "no finished SFT and reward model" in result.stdout
 
 
 def test_gpu_checks_refuse_an_unknown_stage_before_running_anything(tmp_path):
   result = run_gpu_checks("--out", str(tmp_path / "x"), "--only", "sft,rm")
-  assert result.returncode == 2 and "unknown stage 'rm'" in result.stderr
+  assert result.returncode == 2 and "unknown check 'rm'" in result.stderr
   assert not (tmp_path / "x").exists()
+  result = run_gpu_checks("--out", str(tmp_path / "y"), "--budget", "soon")
+  assert result.returncode == 2 and "--budget takes whole seconds" in result.stderr
   result = run_gpu_checks("--out")
   assert result.returncode == 2 and "--out needs a value" in result.stderr
