@@ -218,6 +218,15 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
           for k, v in local.items()}
 
 
+def to_host(tree) -> Any:
+  """Every (possibly sharded, possibly multi-process) array of `tree` whole, as numpy arrays, on
+  every process: a collective when the run spans processes, so every process must call it."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+  from jax.experimental import multihost_utils
+  return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
 def batch_divisor(mesh: Mesh) -> int:
   """The global batch must be a multiple of this (the number of batch shards)."""
   return mesh.shape["data"] * mesh.shape["fsdp"]

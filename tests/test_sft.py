@@ -181,3 +181,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   step, params = final_params(tmp_path, config)
   assert step < 8
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_cadence_fields_are_refused_by_name_and_eval_every_zero_means_the_last_step_only():
+  from ml_collections import config_dict
+  from instructjax.errors import InputError
+  from instructjax.trainers import loop
+  good = dict(log_every=1, save_every=5, eval_every=0)
+  loop.check_cadence(config_dict.ConfigDict(good))
+  for name, bad in (("log_every", 0), ("save_every", -1), ("eval_every", -1), ("eval_every", 2.5)):
+    with pytest.raises(InputError, match=f"config.{name}"):
+      loop.check_cadence(config_dict.ConfigDict(dict(good, **{name: bad})))
+  never = config_dict.ConfigDict(dict(good))
+  assert not any(loop.is_eval_step(never, step) for step in range(1, 50))
+  assert [s for s in range(1, 10) if loop.is_eval_step(config_dict.ConfigDict(
+      dict(good, eval_every=4)), s)] == [4, 8]

@@ -37,7 +37,6 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from instructjax import checkpoint, evaluation, parallel, report
 from instructjax.data import pipeline, records
@@ -185,10 +184,6 @@ def _global_rows(arrays: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
   return parallel.global_batch({k: v[i * per:(i + 1) * per] for k, v in arrays.items()}, mesh)
 
 
-def _to_host(x) -> np.ndarray:
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def sample(policy: Policy, prompts: Sequence[str], sampling: SamplingConfig, *, prompt_len: int,
@@ -224,7 +219,7 @@ def response_log_probs(policy: Policy, prompts: Sequence[str],
                               response_mask=response_mask), layout.mesh)
     with layout.scope():
       out = fn(policy.params, batch["tokens"], batch["mask"], batch["response_mask"])
-    logps.append(_to_host(out)[:len(chunk)])
+    logps.append(parallel.to_host(out)[:len(chunk)])
     masks.append(response_mask[:len(chunk)])
   return np.concatenate(logps), np.concatenate(masks)
 

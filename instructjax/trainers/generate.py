@@ -12,7 +12,6 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from instructjax import parallel
 from instructjax.data.tokenizers import Tokenizer
@@ -56,7 +55,7 @@ def complete(sampler: Sampler, params, tokenizer: Tokenizer, prompts: Sequence[s
     tokens, mask = encode_prompts(tokenizer, filled, prompt_len)
     if mesh is not None:
       tokens, mask = _this_process_rows(tokens, mask, mesh)
-    out = _to_host(sampler(params, tokens, mask, jax.random.fold_in(rng, b)))
+    out = parallel.to_host(sampler(params, tokens, mask, jax.random.fold_in(rng, b)))
     for row, prompt in enumerate(chunk):
       length = int(out.mask[row].sum())
       ids = tuple(int(t) for t in out.tokens[row, :length])
@@ -75,7 +74,3 @@ def _this_process_rows(tokens, mask, mesh):
   return batch["tokens"], batch["mask"]
 
 
-def _to_host(tree):
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  return multihost_utils.process_allgather(tree, tiled=True)

@@ -112,12 +112,13 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if extra_eval is not None:
       final_eval = lambda state: extra_eval(state["params"], model, tokenizer, layout)
     return loop.train_loop(
-        config, workdir, layout, state=state, data_iter=data_iter, step_fn=train_step, ckpt=ckpt,
+        config, workdir, state=state, step_fn=loop.batch_steps(train_step, data_iter, layout),
+        data_state=data_iter, ckpt=ckpt,
         evaluate=lambda state: run_eval(eval_step, state["params"], eval_data_fn, layout,
                                         config.eval_batches),
         final_eval=final_eval,
         items_per_step=("tokens_per_second", config.batch_size * config.data.seq_len),
-        host_metrics=lambda: loop.summed_over_processes(
+        host_metrics=lambda _: loop.summed_over_processes(
             dict(truncated_records=stats.truncated, skipped_records=stats.skipped)))
 
 

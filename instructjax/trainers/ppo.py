@@ -52,13 +52,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from instructjax import parallel
 from instructjax.data import pipeline, records
 from instructjax.errors import InputError
-from instructjax.metrics import MetricWriter, Progress
 from instructjax.models.decoder import LanguageModel, ScalarModel
 from instructjax.objectives import ppo, sft
 from instructjax.sampling import SampleOutput, Sampler, SamplingConfig
@@ -446,26 +444,18 @@ def jit_phases(config, layout, models: Models, frozen, shardings, optimizers,
 # ----------------------------------------------------------------------------- metrics
 
 
-def _to_host(tree):
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def rollout_gold_scores(task, tokenizer, prompts: list[dict], indices, response_tokens,
                         response_mask) -> np.ndarray:
   """Gold score of each of the rollout's responses (their text, EOS and padding dropped) against
   the full text of its prompt, [episodes] float32, the same on every process."""
-  indices, tokens, mask = _to_host((indices, response_tokens, response_mask))
+  indices, tokens, mask = parallel.to_host((indices, response_tokens, response_mask))
   scores = []
   for index, row, real in zip(np.asarray(indices), np.asarray(tokens), np.asarray(mask)):
     ids = [t for t, m in zip(row, real) if m]
     scores.append(task.score(prompts[int(index)]["prompt"], tokenizer.decode(ids)))
   return np.asarray(scores, np.float32)
-
-
-def host_scalars(metrics) -> dict[str, float]:
-  return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items() if np.ndim(v) == 0}
 
 
 def named_metrics(rollout_metrics: dict[str, float], update_metrics: dict[str, float]):
@@ -509,16 +499,99 @@ def _create_state(config, layout, models, optimizers, cfg, shardings):
   return state
 
 
-def _timed(window: dict[str, float], phase: str, outputs, started: float) -> float:
-  """Waits for a phase's outputs and adds its seconds to the window; returns the time now."""
-  jax.block_until_ready(outputs)
-  now = time.perf_counter()
-  window[phase] += now - started
-  return now
-
-
 def rollout_key(state_rng, iteration: int):
   return jax.random.fold_in(jax.random.fold_in(state_rng, _ROLLOUT_SALT), iteration)
+
+
+class Iteration:
+  """One PPO iteration, the shared loop's step: rollout, score, advantage and update, each timed
+  on the host (seconds per phase and per iteration, data included, summed until the next log
+  step, where `host_metrics` reports and resets them)."""
+
+  def __init__(self, config, cfg: ppo.PPOConfig, phases: Phases, data: Data, frozen, layout,
+               task, tokenizer, workdir: str, schedule):
+    self.config, self.cfg, self.phases, self.data = config, cfg, phases, data
+    self.frozen, self.layout, self.task, self.tokenizer = frozen, layout, task, tokenizer
+    self.workdir, self.schedule = workdir, schedule
+    self.minibatches = cfg.ppo_epochs * cfg.num_minibatches
+    self.gold_fitted = False  # the gold reward's normalisation, read or fitted at the first rollout
+    self.last = None          # the last rollout's (prompt indices, sample, gold scores)
+    self._reset_window()
+
+  def _reset_window(self):
+    self.window = dict.fromkeys((*PHASES, "iteration"), 0.0)
+    self.iterations = 0
+
+  def _timed(self, phase: str, outputs, started: float) -> float:
+    """Waits for a phase's outputs and adds its seconds to the window; returns the time now."""
+    jax.block_until_ready(outputs)
+    now = time.perf_counter()
+    self.window[phase] += now - started
+    return now
+
+  def __call__(self, state, iteration: int):
+    mesh, streams = self.layout.mesh, self.data.streams
+    iteration_started = time.perf_counter()
+    batch = next(streams.prompts)
+    indices = batch.pop("index")
+    prompts = parallel.global_batch(batch, mesh)
+    ptx_local = next_ptx_batch(streams, self.minibatches)
+    ptx_rows = None if ptx_local is None else {
+        k: jax.make_array_from_process_local_data(ptx_sharding(mesh), v)
+        for k, v in ptx_local.items()}
+
+    started = time.perf_counter()
+    sample = self.phases.rollout(state["params"]["policy"], prompts["tokens"], prompts["mask"],
+                                 rollout_key(state["rng"], iteration))
+    started = self._timed("rollout", sample, started)
+    gold, gold_reward = self._gold_reward(indices, sample)
+    scored = self.phases.score(state["params"], self.frozen, prompts["tokens"], prompts["mask"],
+                               sample, gold_reward)
+    started = self._timed("score", scored, started)
+    rollout, rollout_metrics = self.phases.advantage(scored, state["kl_coef"])
+    started = self._timed("advantage", rollout, started)
+    state, update_metrics = self.phases.update(state, rollout, ptx_rows)
+    done = self._timed("update", state, started)
+    self.window["iteration"] += done - iteration_started
+    self.iterations += 1
+    self.last = (indices, sample, gold)
+    metrics = named_metrics(rollout_metrics, update_metrics)
+    metrics["grad_norm"] = update_metrics["policy_grad_norm"] + update_metrics["value_grad_norm"]
+    metrics["optimizer_steps"] = state["step"]
+    return state, metrics
+
+  def _gold_reward(self, indices, sample):
+    """With reward_source="gold", the rollout's gold scores (host) and their global array; scoring
+    on the host is this reward's score phase. (None, None) for the reward model."""
+    if self.config.reward_source != "gold":
+      return None, None
+    gold = rollout_gold_scores(self.task, self.tokenizer, self.data.records, indices,
+                               sample.tokens, sample.mask)
+    if not self.gold_fitted:
+      self.frozen.update(_gain_and_bias(*gold_normalisation(self.workdir, gold),
+                                        self.layout.mesh))
+      self.gold_fitted = True
+    sharding = NamedSharding(self.layout.mesh, PartitionSpec(parallel.BATCH_AXES))
+    return gold, jax.make_array_from_callback(gold.shape, sharding, lambda index: gold[index])
+
+  def host_metrics(self, logged: dict[str, float]) -> dict[str, float]:
+    """Seconds per phase, rollouts/s, learning rate and optimiser steps since the last log step,
+    and on the synthetic task the gold score of the last rollout."""
+    n = max(self.iterations, 1)
+    out = {f"{name}_s": seconds / n for name, seconds in self.window.items()}
+    optimizer_steps = int(round(logged["optimizer_steps"]))
+    out.update(rollouts_per_second=(self.iterations * self.config.rollout_batch_size
+                                    / max(self.window["iteration"], 1e-9)),
+               learning_rate=float(self.schedule(optimizer_steps - 1)))
+    if self.task is not None:
+      indices, sample, gold = self.last
+      if gold is None:
+        gold = rollout_gold_scores(self.task, self.tokenizer, self.data.records, indices,
+                                   sample.tokens, sample.mask)
+      out["gold_score"] = float(gold.mean())
+    out.update(loop.summed_over_processes(dict(truncated_prompts=self.data.stats.truncated)))
+    self._reset_window()
+    return out
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -555,90 +628,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       raise InputError(f"{workdir}/checkpoints", f"step {steps_done} is not a whole number of "
                        f"iterations of {minibatches} minibatches; were ppo_epochs or "
                        "num_minibatches changed?")
-    start = steps_done // minibatches
-    run_evaluation = lambda state: evaluate(config, task, state, models, tokenizer, layout,
-                                            data.ptx_eval, eval_step)
-    writer = MetricWriter(workdir, config.stage)
-    progress = Progress(config.stage, config.iterations, start_step=start)
-    final: dict[str, Any] = {}
-    if start == 0 and config.eval_at_start:
-      final.update(run_evaluation(state))
-      writer.write(0, final)
-    # Seconds per phase and per whole iteration (data included; logging, evaluation and
-    # checkpoints excluded), summed over the iterations since the last log step.
-    window = dict.fromkeys((*PHASES, "iteration"), 0.0)
-    window_iterations = 0
-    gold_fitted = False  # the gold reward's normalisation, read or fitted at the first rollout
-
-    for iteration in range(start + 1, config.iterations + 1):
-      iteration_started = time.perf_counter()
-      batch = next(data.streams.prompts)
-      indices = batch.pop("index")
-      prompts = parallel.global_batch(batch, layout.mesh)
-      ptx_local = next_ptx_batch(data.streams, minibatches)
-      ptx_rows = None if ptx_local is None else {
-          k: jax.make_array_from_process_local_data(ptx_sharding(layout.mesh), v)
-          for k, v in ptx_local.items()}
-      key = rollout_key(state["rng"], iteration)
-
-      started = time.perf_counter()
-      sample = phases.rollout(state["params"]["policy"], prompts["tokens"], prompts["mask"], key)
-      started = _timed(window, "rollout", sample, started)
-      gold = gold_reward = None
-      if config.reward_source == "gold":  # scoring on the host is this reward's score phase
-        gold = rollout_gold_scores(task, tokenizer, data.records, indices, sample.tokens,
-                                   sample.mask)
-        if not gold_fitted:
-          frozen.update(_gain_and_bias(*gold_normalisation(workdir, gold), layout.mesh))
-          gold_fitted = True
-        gold_reward = jax.make_array_from_callback(
-            gold.shape, NamedSharding(layout.mesh, PartitionSpec(parallel.BATCH_AXES)),
-            lambda index: gold[index])
-      scored = phases.score(state["params"], frozen, prompts["tokens"], prompts["mask"], sample,
-                            gold_reward)
-      started = _timed(window, "score", scored, started)
-      rollout, rollout_metrics = phases.advantage(scored, state["kl_coef"])
-      started = _timed(window, "advantage", rollout, started)
-      state, update_metrics = phases.update(state, rollout, ptx_rows)
-      done = _timed(window, "update", state, started)
-      window["iteration"] += done - iteration_started
-      window_iterations += 1
-
-      is_last = iteration == config.iterations
-      log_now = iteration % config.log_every == 0 or is_last
-      save_now = ckpt.should_save(iteration) or is_last
-      if log_now or save_now:
-        grad_norm = update_metrics["policy_grad_norm"] + update_metrics["value_grad_norm"]
-        loop.stop_if_nonfinite(state, dict(update_metrics, grad_norm=grad_norm), iteration)
-      if log_now:
-        host = named_metrics(host_scalars(rollout_metrics), host_scalars(update_metrics))
-        host.update({f"{name}_s": seconds / window_iterations for name, seconds in window.items()})
-        host.update(rollouts_per_second=(window_iterations * config.rollout_batch_size
-                                         / max(window["iteration"], 1e-9)),
-                    learning_rate=float(schedules["policy"](int(state["step"]) - 1)),
-                    optimizer_steps=float(int(state["step"])))
-        if task is not None:
-          if gold is None:
-            gold = rollout_gold_scores(task, tokenizer, data.records, indices, sample.tokens,
-                                       sample.mask)
-          host["gold_score"] = float(gold.mean())
-        host.update(loop.summed_over_processes(dict(truncated_prompts=data.stats.truncated)))
-        writer.write(iteration, host)
-        progress.update(iteration, loss=host["loss"])
-        final.update(host)
-        window = dict.fromkeys(window, 0.0)
-        window_iterations = 0
-      if iteration % config.eval_every == 0 or is_last:
-        evals = run_evaluation(state)
-        writer.write(iteration, evals)
-        final.update(evals)
-      if save_now:
-        ckpt.save(iteration, state, {"data": data.streams.get_state(), "stage": config.stage},
-                  force=is_last)
-    ckpt.wait()
-    ckpt.close()
-    writer.close()
-    return final
+    iteration = Iteration(config, cfg, phases, data, frozen, layout, task, tokenizer, workdir,
+                          schedules["policy"])
+    return loop.train_loop(
+        config, workdir, state=state, step_fn=iteration, data_state=data.streams, ckpt=ckpt,
+        evaluate=lambda state: evaluate(config, task, state, models, tokenizer, layout,
+                                        data.ptx_eval, eval_step),
+        total_steps=config.iterations, start=steps_done // minibatches,
+        eval_at_start=config.eval_at_start, host_metrics=iteration.host_metrics)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -371,12 +371,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   reference_reward_std=result["raw_std"])
 
     return loop.train_loop(
-        config, workdir, layout, state=state, data_iter=data_iter, step_fn=train_step, ckpt=ckpt,
+        config, workdir, state=state, step_fn=loop.batch_steps(train_step, data_iter, layout),
+        data_state=data_iter, ckpt=ckpt,
         evaluate=lambda state: run_eval(eval_step, state["params"], data.eval_data_fn, layout,
                                         config.eval_batches, data.ceiling),
         final_eval=final_eval,
         items_per_step=("pairs_per_second", config.batch_size * data.pairs_per_element),
-        host_metrics=lambda: data.host_counts,
+        host_metrics=lambda _: data.host_counts,
         save_extra=lambda: {NORMALISATION_KEY: dict(normalisation)} if normalisation else {})
 
 
