@@ -655,8 +655,7 @@ def run_ppo(args: argparse.Namespace) -> dict[str, Any]:
   mesh = data_mesh(args)
   (state0, frozen), (prompts, prompt_mask) = place(mesh, (state0, frozen), (prompts, prompt_mask))
   if mesh is not None and ptx is not None:  # [steps, rows, seq]: the rows are split
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, parallel.BATCH_AXES))
-    ptx = jax.device_put(ptx, rows)
+    ptx = jax.device_put(ptx, parallel.batch_sharding(mesh, 3, leading=1))
   sampler = sampling.Sampler(policy_graphdef, sampling.SamplingConfig(N), eos_id=-1, pad_id=0,
                              mesh=mesh)
   score = jax.jit(functools.partial(ppo.score_phase, policy_graphdef=policy_graphdef,

@@ -207,9 +207,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-  """Leading (batch) dimension over data x fsdp, the rest whole."""
-  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_axes(rules: Rules | None = None) -> tuple[str, ...]:
+  """The mesh axes the logical "batch" axis maps to under `rules` (default: the active rules,
+  else DEFAULT_RULES): the one place jit shardings, activation constraints and batch checks
+  learn how a batch is split."""
+  rules = rules if rules is not None else current_rules() or DEFAULT_RULES
+  axes = logical_to_spec(("batch",), rules)[0]
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, leading: int = 0,
+                   rules: Rules | None = None) -> NamedSharding:
+  """Dimension `leading` (the batch) split like the logical "batch" axis, the rest whole."""
+  names = [None] * ndim
+  names[leading] = batch_axes(rules) or None
+  return NamedSharding(mesh, PartitionSpec(*names))
 
 
 def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -227,15 +239,18 @@ def to_host(tree) -> Any:
   return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
 
 
-def batch_divisor(mesh: Mesh) -> int:
-  """The global batch must be a multiple of this (the number of batch shards)."""
-  return mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_divisor(mesh, rules: Rules | None = None) -> int:
+  """How many ways a batch is split on `mesh` (a Mesh or an abstract mesh): the global batch
+  must be a multiple of this."""
+  return math.prod(mesh.shape[axis] for axis in batch_axes(rules))
 
 
-def check_global_batch(batch_size: int, mesh: Mesh, where: str = "config.batch_size") -> int:
+def check_global_batch(batch_size: int, mesh: Mesh, where: str = "config.batch_size",
+                       rules: Rules | None = None) -> int:
   """Returns the per-process batch size, or explains why the batch cannot be laid out."""
-  shards = batch_divisor(mesh)
+  shards = batch_divisor(mesh, rules)
   if batch_size % shards or batch_size % jax.process_count():
     raise InputError(where, f"global batch {batch_size} must be divisible by the {shards} batch "
-                     f"shards (data x fsdp) and by the {jax.process_count()} processes")
+                     f"shards ({' x '.join(batch_axes(rules))}) and by the {jax.process_count()} "
+                     "processes")
   return batch_size // jax.process_count()

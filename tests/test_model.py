@@ -171,6 +171,25 @@ def test_mesh_fills_the_one_unknown_axis():
     parallel.mesh_shape({"data": 4, "fsdp": 4}, 8)
 
 
+def test_the_batch_rule_alone_decides_how_batches_are_split():
+  """Jit shardings, batch checks and the objective's shard count all read the "batch" rule: a
+  config that splits batches over data only changes all of them together."""
+  from instructjax.objectives import ppo
+  mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  data_only = tuple(("batch", "data") if name == "batch" else (name, axes)
+                    for name, axes in parallel.DEFAULT_RULES)
+  assert parallel.batch_divisor(mesh) == 4 and parallel.batch_divisor(mesh, data_only) == 2
+  P = jax.sharding.PartitionSpec
+  assert parallel.batch_sharding(mesh, 3, leading=1).spec == P(None, ("data", "fsdp"), None)
+  assert parallel.batch_sharding(mesh, 2, rules=data_only).spec == P("data", None)
+  assert parallel.check_global_batch(6, mesh, rules=data_only) == 6
+  with pytest.raises(InputError, match=r"4 batch shards \(data x fsdp\)"):
+    parallel.check_global_batch(6, mesh)
+  with jax.set_mesh(mesh), parallel.axis_rules(data_only):
+    assert ppo.batch_shards() == 2 and parallel.batch_sharding(mesh).spec == P("data", None)
+  assert ppo.batch_shards() == 1  # outside a mesh
+
+
 def test_padding_vocabulary_ids_are_never_predicted():
   graphdef, params = split(LanguageModel(tiny("gpt2", real_vocab_size=50), rngs=nnx.Rngs(0)))
   logits, _ = run(graphdef, params, jnp.array([[1, 2, 3]]), jnp.ones((1, 3)))

@@ -52,7 +52,6 @@ Dropout is never applied: PPO's ratio must be exactly 1 before the first step.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import jax
@@ -515,13 +514,10 @@ def _batch_constraint(tree, leading: int = 0):
 
 def batch_shards() -> int:
   """How many ways the active mesh and rules split a batch dimension (1 outside a mesh)."""
-  rules = parallel.current_rules()
   mesh = jax.sharding.get_abstract_mesh()
-  if rules is None or mesh is None or mesh.empty:
+  if parallel.current_rules() is None or mesh is None or mesh.empty:
     return 1
-  axes = parallel.logical_to_spec(("batch",), rules)[0]
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  return math.prod(mesh.shape[axis] for axis in axes)
+  return parallel.batch_divisor(mesh)
 
 
 def _check_micro_batches(rows: int, ptx_rows: int | None, accum: int) -> None:

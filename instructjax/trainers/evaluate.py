@@ -229,7 +229,8 @@ def pretraining_loss(policy: Policy, documents: Sequence[str], *, config,
   """Mean next-token loss over the held-out documents, packed as pretraining packs them."""
   e, layout, tokenizer = config.ptx_eval, compiled.layout, compiled.tokenizer
   common.check_seq_len(policy.handle.cfg, e.seq_len, "config.ptx_eval.seq_len")
-  local_batch = parallel.check_global_batch(e.batch_size, layout.mesh, "config.ptx_eval.batch_size")
+  local_batch = parallel.check_global_batch(e.batch_size, layout.mesh,
+                                            "config.ptx_eval.batch_size", rules=layout.rules)
   source = [{"text": text} for text in documents]
   data = lambda: iter(pipeline.eval_dataset(
       source, tokenizer, kind="pretrain", seq_len=e.seq_len, batch_size=local_batch,
@@ -469,7 +470,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   models and writes report.json, report.md and the plots into `workdir`; returns the results."""
   check_config(config)
   layout = common.Layout.from_config(config)
-  parallel.check_global_batch(config.sampling.batch_size, layout.mesh, "config.sampling.batch_size")
+  parallel.check_global_batch(config.sampling.batch_size, layout.mesh,
+                              "config.sampling.batch_size", rules=layout.rules)
   tokenizer = common.tokenizer_from_config(config)
   task = synthetic_task(config)
   prompts = task.prompts(config.num_prompts, config.split)

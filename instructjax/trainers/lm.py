@@ -83,7 +83,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   tokenizer = common.tokenizer_from_config(config)
   model_cfg = common.model_config(config, tokenizer)
   common.check_seq_len(model_cfg, config.data.seq_len)
-  local_batch = parallel.check_global_batch(config.batch_size, layout.mesh)
+  local_batch = parallel.check_global_batch(config.batch_size, layout.mesh, rules=layout.rules)
   schedule, optimizer = make_optimizer(config)
   stats = pipeline.PipelineStats()
   train_ds, eval_data_fn = datasets(config, workdir, tokenizer, local_batch, stats)

@@ -114,8 +114,9 @@ def check_config(config, cfg: ppo.PPOConfig, layout: common.Layout) -> None:
                      "distribution")
   if config.iterations < 1:
     raise InputError("config.iterations", f"must be >= 1, got {config.iterations}")
-  parallel.check_global_batch(config.rollout_batch_size, layout.mesh, "config.rollout_batch_size")
-  shards, accum = parallel.batch_divisor(layout.mesh), cfg.grad_accum
+  parallel.check_global_batch(config.rollout_batch_size, layout.mesh,
+                              "config.rollout_batch_size", rules=layout.rules)
+  shards, accum = parallel.batch_divisor(layout.mesh, layout.rules), cfg.grad_accum
   minibatch, extra = divmod(config.rollout_batch_size, cfg.num_minibatches)
   if extra or minibatch % (shards * accum):
     raise InputError("config.rollout_batch_size", f"{config.rollout_batch_size} episodes in "
@@ -127,13 +128,14 @@ def check_config(config, cfg: ppo.PPOConfig, layout: common.Layout) -> None:
     if config.ptx.source == "none":
       raise InputError("config.ptx.source", "is 'none' but ppo.ptx_coef > 0 needs pretraining "
                        "text (or set ppo.ptx_coef=0 for plain PPO)")
-    parallel.check_global_batch(config.ptx.batch_size, layout.mesh, "config.ptx.batch_size")
+    parallel.check_global_batch(config.ptx.batch_size, layout.mesh, "config.ptx.batch_size",
+                                rules=layout.rules)
     if config.ptx.batch_size % (shards * accum):
       raise InputError("config.ptx.batch_size", f"{config.ptx.batch_size} rows in {accum} "
                        f"micro-batches do not split evenly over the {shards} batch shards")
   if config.ptx.source != "none" or config.data.source == "synthetic":
     parallel.check_global_batch(config.sampling.batch_size, layout.mesh,
-                                "config.sampling.batch_size")
+                                "config.sampling.batch_size", rules=layout.rules)
 
 
 def make_optimizers(config, total_steps: int):
@@ -383,7 +385,7 @@ def state_shardings(models: Models, optimizers, layout, cfg: ppo.PPOConfig, seed
 
 def ptx_sharding(mesh) -> NamedSharding:
   """[minibatches, rows, T]: the rows of each minibatch over the batch axes."""
-  return NamedSharding(mesh, PartitionSpec(None, parallel.BATCH_AXES, None))
+  return parallel.batch_sharding(mesh, 3, leading=1)
 
 
 def _rollout(prompt_tokens, prompt_mask, response_tokens, response_mask) -> dict[str, jax.Array]:
@@ -424,7 +426,7 @@ def jit_phases(config, layout, models: Models, frozen, shardings, optimizers,
                            eos_id=tokenizer.eos_id)
 
   # Every rollout array has the episode as its leading dimension: one sharding fits them all.
-  episodes = NamedSharding(mesh, PartitionSpec(parallel.BATCH_AXES))
+  episodes = parallel.batch_sharding(mesh, 1)
   whole = parallel.replicated(mesh)
   frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
   samples = SampleOutput(episodes, episodes, episodes, whole)
@@ -571,7 +573,7 @@ class Iteration:
       self.frozen.update(_gain_and_bias(*gold_normalisation(self.workdir, gold),
                                         self.layout.mesh))
       self.gold_fitted = True
-    sharding = NamedSharding(self.layout.mesh, PartitionSpec(parallel.BATCH_AXES))
+    sharding = parallel.batch_sharding(self.layout.mesh, 1)
     return gold, jax.make_array_from_callback(gold.shape, sharding, lambda index: gold[index])
 
   def host_metrics(self, logged: dict[str, float]) -> dict[str, float]:

@@ -328,7 +328,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   tokenizer = common.tokenizer_from_config(config)
   model_cfg = common.model_config(config, tokenizer)
   common.check_seq_len(model_cfg, config.data.seq_len)
-  local_batch = parallel.check_global_batch(config.batch_size, layout.mesh)
+  local_batch = parallel.check_global_batch(config.batch_size, layout.mesh, rules=layout.rules)
   schedule, optimizer = make_optimizer(config)
   if not config.init_from:
     print("[reward] WARNING: no config.init_from: the reward model starts from scratch, not from "
