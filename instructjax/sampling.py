@@ -31,8 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from instructjax import parallel
 from instructjax.errors import InputError
-from instructjax.models import layers
-from instructjax.models.decoder import KVCache
+from instructjax.models.decoder import KVCache, in_compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,95 +227,6 @@ def prefill(graphdef, params, prompt_tokens, prompt_mask, *, max_new_tokens: int
   return _prefill(model, prompt_tokens, prompt_mask, prompt_tokens.shape[1] + max_new_tokens)
 
 
-# The decode step. `Decoder.__call__` with a cache is correct but slow for one token at a time on
-# CPU: its `lax.scan` over stacked layers slices every weight and round-trips the whole
-# [layers, ...] cache through fresh buffers each step, and its [B, S, K, H] cache layout makes the
-# attention dots transpose the cache. The decode loop instead keeps one heads-major [B, K, S, H]
-# cache per layer (updated in place by dynamic_update_slice) and unrolls the layers over weights
-# sliced once before the loop. It reuses the model's own layer functions (norms, RoPE, MLP); its
-# logits are checked against the full uncached forward in tests/test_sampling.py.
-
-def _heads_major(cache: KVCache) -> tuple:
-  """[layers, B, S, K, H] -> per layer (k, v), each [B, K, S, H]."""
-  names = ("batch", "act_kv_heads", "cache_length", "head_dim")
-  to = lambda x: parallel.logical_constraint(jnp.swapaxes(x, 1, 2), names)
-  return tuple((to(cache.k[i]), to(cache.v[i])) for i in range(cache.k.shape[0]))
-
-
-def _in_compute_dtype(params, dtype) -> Any:
-  """The parameters the layers cast to the compute dtype at every use (every weight and bias but
-  the norms', which enter float32 maths), cast once. Parameters stay float32 and every layer
-  casts them per call: inside the decode loop that re-read the float32 weights and wrote a
-  bfloat16 copy at every token, three times the bytes of the step's own reads (measured on an
-  H200: half of a 1.1B model's decode time in those converts). Same values, so the same logits.
-  The barrier keeps XLA from sinking the casts back into the loop."""
-  def cast(path, x):
-    name = str(getattr(path[-1], "key", path[-1]))
-    floating = jnp.issubdtype(x.dtype, jnp.floating)
-    return x.astype(dtype) if floating and "norm" not in name else x
-  return jax.lax.optimization_barrier(jax.tree_util.tree_map_with_path(cast, params))
-
-
-def _layer_weights(model) -> list[dict[str, jax.Array]]:
-  """Each layer's weights, sliced once. The barrier stops XLA from sinking the slices back into
-  the loop body, where they would copy every weight on every step."""
-  stacked = model.backbone.layers.stacked()
-  per_layer = [{name: w[i] for name, w in stacked.items()} for i in range(model.cfg.n_layers)]
-  return jax.lax.optimization_barrier(per_layer)
-
-
-def _one_token_attention(cfg, x, p, positions, k_cache, v_cache, slot, key_valid):
-  """Attention of one new token x [B, 1, D] over a heads-major cache [B, K, S, H], after writing
-  its key and value at `slot`. Same maths as `layers.attention` (grouped heads: query head n uses
-  kv head n // (N / K))."""
-  dtype = cfg.compute_dtype
-  q = layers._project(x, p["wq"], p.get("bq"), dtype)  # [B, 1, N, H]
-  k = layers._project(x, p["wk"], p.get("bk"), dtype)
-  v = layers._project(x, p["wv"], p.get("bv"), dtype)
-  if cfg.position == "rope":
-    q = layers.rope(q, positions, cfg.rope_theta)
-    k = layers.rope(k, positions, cfg.rope_theta)
-  batch, _, n_heads, head_dim = q.shape
-  k_cache = jax.lax.dynamic_update_slice_in_dim(
-      k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), slot, axis=2)
-  v_cache = jax.lax.dynamic_update_slice_in_dim(
-      v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), slot, axis=2)
-  q = q.reshape(batch, cfg.n_kv_heads, n_heads // cfg.n_kv_heads, head_dim)
-  scores = jnp.einsum("bkgh,bksh->bkgs", q, k_cache.astype(dtype),
-                      preferred_element_type=jnp.float32) * head_dim ** -0.5
-  scores = jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  out = jnp.einsum("bkgs,bksh->bkgh", probs, v_cache.astype(dtype))
-  # Flattened heads so the output projection is one plain [B, N*H] x [N*H, D] matmul.
-  out = jnp.einsum("bf,fd->bd", out.reshape(batch, n_heads * head_dim),
-                   p["wo"].reshape(n_heads * head_dim, -1).astype(dtype))[:, None]
-  if "bo" in p:
-    out = out + p["bo"].astype(dtype)
-  return out, k_cache, v_cache
-
-
-def _decode_forward(model, weights, token, positions, cache, slot, key_valid):
-  """Logits [B, V] for one new token per row (token, positions: [B]) and the updated cache."""
-  cfg, backbone = model.cfg, model.backbone
-  dtype = cfg.compute_dtype
-  x = jnp.take(backbone.embed[...], token[:, None], axis=0).astype(dtype)
-  if cfg.position == "learned":
-    x = x + jnp.take(backbone.pos_embed[...], positions[:, None], axis=0).astype(dtype)
-  new_cache = []
-  for p, (k_cache, v_cache) in zip(weights, cache):
-    h, k_cache, v_cache = _one_token_attention(cfg, layers.normalize(cfg, x, p, "attn_norm"), p,
-                                               positions[:, None], k_cache, v_cache, slot,
-                                               key_valid)
-    x = x + h
-    x = x + layers.mlp(cfg, layers.normalize(cfg, x, p, "mlp_norm"), p)
-    new_cache.append((k_cache, v_cache))
-  final = {"final_norm_scale": backbone.final_norm_scale[...]}
-  if cfg.norm == "layernorm":
-    final["final_norm_bias"] = backbone.final_norm_bias[...]
-  x = layers.normalize(cfg, x, final, "final_norm")
-  return model.unembed(x)[:, 0], tuple(new_cache)
-
-
 def sample(graphdef, params, prompt_tokens, prompt_mask, rng, *, config: SamplingConfig,
            eos_id: int, pad_id: int) -> SampleOutput:
   """Samples `config.max_new_tokens` tokens after each left-padded prompt, with a KV cache.
@@ -333,8 +243,8 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, rng, *, config: Samplin
   n_real = prompt_valid.sum(1).astype(jnp.int32)
   first_logits, cache = _prefill(model, prompt_tokens, prompt_mask,
                                  prompt_len + config.max_new_tokens)
-  model = nnx.merge(graphdef, _in_compute_dtype(params, model.cfg.compute_dtype))
-  weights = _layer_weights(model)
+  model = nnx.merge(graphdef, in_compute_dtype(params, model.cfg.compute_dtype))
+  weights = model.backbone.decode_weights()
   response_slots = jnp.arange(config.max_new_tokens)
 
   def next_logits(cache, step, token, _):
@@ -342,10 +252,10 @@ def sample(graphdef, params, prompt_tokens, prompt_mask, rng, *, config: Samplin
     # (n_real + step - 1)-th real token. Keys: the real prompt tokens and the responses so far.
     key_valid = jnp.concatenate(
         [prompt_valid, jnp.broadcast_to(response_slots < step, (batch, response_slots.size))], 1)
-    return _decode_forward(model, weights, token, n_real + step - 1, cache,
-                           prompt_len + step - 1, key_valid)
+    return model.decode_step(weights, token, n_real + step - 1, cache, prompt_len + step - 1,
+                             key_valid)
 
-  return _generate(first_logits, next_logits, _heads_major(cache), rng, config=config,
+  return _generate(first_logits, next_logits, cache.heads_major(), rng, config=config,
                    eos_id=eos_id, pad_id=pad_id)
 
 

@@ -11,9 +11,10 @@ from instructjax import parallel
 from instructjax.errors import InputError
 from instructjax.models.config import ModelConfig
 from instructjax.models.decoder import LanguageModel
-from instructjax.sampling import (Sampler, SamplingConfig, _in_compute_dtype, choose,
-                                  filter_logits, repeat_prompts, response_mask, row_keys, sample,
-                                  sample_uncached, top_k_keep, top_p_keep)
+from instructjax.models.decoder import in_compute_dtype
+from instructjax.sampling import (Sampler, SamplingConfig, choose, filter_logits, repeat_prompts,
+                                  response_mask, row_keys, sample, sample_uncached, top_k_keep,
+                                  top_p_keep)
 
 PAD = 0
 
@@ -102,7 +103,7 @@ def test_decode_weights_are_cast_once_with_the_values_each_layer_would_use():
   """Every weight and bias in the compute dtype, the norms' left in float32 (they enter float32
   maths), and the same values the layers' own per-use casts give."""
   _, params = split(tiny("gpt2", dtype="bfloat16"))
-  cast = _in_compute_dtype(params, jnp.bfloat16)
+  cast = in_compute_dtype(params, jnp.bfloat16)
   flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
   for path, x in jax.tree_util.tree_flatten_with_path(cast)[0]:
     name = str(path[-1].key)

@@ -11,7 +11,7 @@ for their real tokens.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,12 @@ class KVCache(NamedTuple):
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
   LOGICAL_AXES = ("layers", "batch", "cache_length", "act_kv_heads", "head_dim")
+
+  def heads_major(self) -> tuple:
+    """Per layer (k, v), each [B, K, S, H]: the decode step's layout (`Decoder.decode_step`)."""
+    names = ("batch", "act_kv_heads", "cache_length", "head_dim")
+    to = lambda x: logical_constraint(jnp.swapaxes(x, 1, 2), names)
+    return tuple((to(self.k[i]), to(self.v[i])) for i in range(self.k.shape[0]))
 
 
 class StackedLayers(nnx.Module):
@@ -125,7 +131,6 @@ class Decoder(nnx.Module):
     (hidden [B, T, D], the updated cache or None).
     """
     cfg = self.cfg
-    dtype = cfg.compute_dtype
     T = tokens.shape[1]
     if positions is None:
       positions = positions_from_mask(mask)
@@ -134,9 +139,7 @@ class Decoder(nnx.Module):
     else:
       attn_mask = layers.attention_mask(cache_index + jnp.arange(T), key_valid.astype(bool))
 
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
-    if cfg.position == "learned":
-      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(dtype)
+    x = self.embed_tokens(tokens, positions)
     embed_key, layer_keys = None, None
     if dropout_rng is not None and cfg.dropout > 0:
       embed_key, layers_key = jax.random.split(dropout_rng)
@@ -152,11 +155,47 @@ class Decoder(nnx.Module):
     kv_in = None if cache is None else (cache.k, cache.v)
     x, kv_out = jax.lax.scan(_remat(body, cfg.remat), x,
                              (self.layers.stacked(), kv_in, layer_keys), unroll=cfg.scan_unroll)
+    return self.final_norm(x), (None if cache is None else KVCache(*kv_out))
+
+  def embed_tokens(self, tokens, positions):
+    """Token (and learned position) embeddings in the compute dtype, [B, T, D]."""
+    cfg = self.cfg
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    if cfg.position == "learned":
+      x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(cfg.compute_dtype)
+    return x
+
+  def final_norm(self, x):
     final = {"final_norm_scale": self.final_norm_scale[...]}
-    if cfg.norm == "layernorm":
+    if self.cfg.norm == "layernorm":
       final["final_norm_bias"] = self.final_norm_bias[...]
-    x = layers.normalize(cfg, x, final, "final_norm")
-    return x, (None if cache is None else KVCache(*kv_out))
+    return layers.normalize(self.cfg, x, final, "final_norm")
+
+  # The decode step. `__call__` with a cache is correct but slow for one token at a time: its
+  # `lax.scan` over stacked layers slices every weight and round-trips the whole [layers, ...]
+  # cache through fresh buffers each step, and its [B, S, K, H] cache layout makes the attention
+  # dots transpose the cache. `decode_step` instead keeps one heads-major [B, K, S, H] cache per
+  # layer (`KVCache.heads_major`, updated in place) and unrolls the layers over weights sliced
+  # once before the decode loop (`decode_weights`), with the same layer functions; its logits
+  # are checked against the full forward in tests/test_sampling.py.
+
+  def decode_weights(self) -> list[dict[str, jax.Array]]:
+    """Each layer's weights, sliced once. The barrier stops XLA from sinking the slices back into
+    the loop body, where they would copy every weight on every step."""
+    stacked = self.layers.stacked()
+    per_layer = [{name: w[i] for name, w in stacked.items()} for i in range(self.cfg.n_layers)]
+    return jax.lax.optimization_barrier(per_layer)
+
+  def decode_step(self, weights, token, positions, cache: tuple, slot, key_valid):
+    """Hidden states [B, 1, D] of one new token per row (token, positions: [B]) written at cache
+    `slot`, and the updated heads-major cache."""
+    x = self.embed_tokens(token[:, None], positions[:, None])
+    new_cache = []
+    for p, (k_cache, v_cache) in zip(weights, cache):
+      x, k_cache, v_cache = layers.one_token_block(self.cfg, x, p, positions[:, None], k_cache,
+                                                   v_cache, slot, key_valid)
+      new_cache.append((k_cache, v_cache))
+    return self.final_norm(x), tuple(new_cache)
 
 
 class LanguageModel(nnx.Module):
@@ -191,6 +230,25 @@ class LanguageModel(nnx.Module):
     """Returns (logits [B, T, V] float32, cache)."""
     hidden, cache = self.backbone(tokens, mask, **kwargs)
     return self.unembed(hidden), cache
+
+  def decode_step(self, weights, token, positions, cache: tuple, slot, key_valid):
+    """Logits [B, V] of one new token per row and the updated cache (`Decoder.decode_step`)."""
+    hidden, cache = self.backbone.decode_step(weights, token, positions, cache, slot, key_valid)
+    return self.unembed(hidden)[:, 0], cache
+
+
+def in_compute_dtype(params, dtype) -> Any:
+  """The parameters the layers cast to the compute dtype at every use (every weight and bias but
+  the norms', which enter float32 maths), cast once. Parameters stay float32 and every layer
+  casts them per call: inside the decode loop that re-read the float32 weights and wrote a
+  bfloat16 copy at every token, three times the bytes of the step's own reads (measured on an
+  H200: half of a 1.1B model's decode time in those converts). Same values, so the same logits.
+  The barrier keeps XLA from sinking the casts back into the loop."""
+  def cast(path, x):
+    name = str(getattr(path[-1], "key", path[-1]))
+    floating = jnp.issubdtype(x.dtype, jnp.floating)
+    return x.astype(dtype) if floating and "norm" not in name else x
+  return jax.lax.optimization_barrier(jax.tree_util.tree_map_with_path(cast, params))
 
 
 class ScalarModel(nnx.Module):

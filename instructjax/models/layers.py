@@ -68,7 +68,7 @@ def attention_mask(query_slots, key_valid):
   return (causal[None] & (key_valid[:, None, :] | own[None]))[:, None]  # [B, 1, T, S]
 
 
-def _project(x, w, b, dtype):
+def project(x, w, b, dtype):
   y = jnp.einsum("btd,dnh->btnh", x, w.astype(dtype))
   return y + b.astype(dtype) if b is not None else y
 
@@ -97,9 +97,9 @@ def attention_implementation(cfg: ModelConfig, cached: bool, backend: str | None
 def attention(cfg: ModelConfig, x, p: Params, positions, mask, cache_kv, cache_index):
   """Self-attention of x [B, T, D]; with a cache, writes this chunk's keys at `cache_index`."""
   dtype = cfg.compute_dtype
-  q = _project(x, p["wq"], p.get("bq"), dtype)
-  k = _project(x, p["wk"], p.get("bk"), dtype)
-  v = _project(x, p["wv"], p.get("bv"), dtype)
+  q = project(x, p["wq"], p.get("bq"), dtype)
+  k = project(x, p["wk"], p.get("bk"), dtype)
+  v = project(x, p["wv"], p.get("bv"), dtype)
   if cfg.position == "rope":
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
@@ -116,6 +116,47 @@ def attention(cfg: ModelConfig, x, p: Params, positions, mask, cache_kv, cache_i
   if "bo" in p:
     out = out + p["bo"].astype(dtype)
   return out, cache_kv
+
+
+def one_token_attention(cfg: ModelConfig, x, p: Params, positions, k_cache, v_cache, slot,
+                        key_valid):
+  """`attention` for one new token per row, x [B, 1, D], over a heads-major cache [B, K, S, H]
+  (one layer's, updated in place at `slot`): the decode step's layout, where the attention dots
+  read the cache without a transpose. Same maths as `attention` (grouped heads: query head n
+  uses kv head n // (N / K)); key_valid [B, S] marks the slots holding real tokens."""
+  dtype = cfg.compute_dtype
+  q = project(x, p["wq"], p.get("bq"), dtype)  # [B, 1, N, H]
+  k = project(x, p["wk"], p.get("bk"), dtype)
+  v = project(x, p["wv"], p.get("bv"), dtype)
+  if cfg.position == "rope":
+    q = rope(q, positions, cfg.rope_theta)
+    k = rope(k, positions, cfg.rope_theta)
+  batch, _, n_heads, head_dim = q.shape
+  k_cache = jax.lax.dynamic_update_slice_in_dim(
+      k_cache, jnp.swapaxes(k, 1, 2).astype(k_cache.dtype), slot, axis=2)
+  v_cache = jax.lax.dynamic_update_slice_in_dim(
+      v_cache, jnp.swapaxes(v, 1, 2).astype(v_cache.dtype), slot, axis=2)
+  q = q.reshape(batch, cfg.n_kv_heads, n_heads // cfg.n_kv_heads, head_dim)
+  scores = jnp.einsum("bkgh,bksh->bkgs", q, k_cache.astype(dtype),
+                      preferred_element_type=jnp.float32) * head_dim ** -0.5
+  scores = jnp.where(key_valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out = jnp.einsum("bkgs,bksh->bkgh", probs, v_cache.astype(dtype))
+  # Flattened heads so the output projection is one plain [B, N*H] x [N*H, D] matmul.
+  out = jnp.einsum("bf,fd->bd", out.reshape(batch, n_heads * head_dim),
+                   p["wo"].reshape(n_heads * head_dim, -1).astype(dtype))[:, None]
+  if "bo" in p:
+    out = out + p["bo"].astype(dtype)
+  return out, k_cache, v_cache
+
+
+def one_token_block(cfg: ModelConfig, x, p: Params, positions, k_cache, v_cache, slot,
+                    key_valid):
+  """`block` for one new token per row over a heads-major cache; no dropout (decoding)."""
+  h, k_cache, v_cache = one_token_attention(cfg, normalize(cfg, x, p, "attn_norm"), p, positions,
+                                            k_cache, v_cache, slot, key_valid)
+  x = x + h
+  return x + mlp(cfg, normalize(cfg, x, p, "mlp_norm"), p), k_cache, v_cache
 
 
 def mlp(cfg: ModelConfig, x, p: Params):
