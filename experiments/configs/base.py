@@ -3,11 +3,30 @@
 Stage configs start from `base_config()` and change what they need; every config is locked before
 it is returned, so a typo in `--config.field=value` is an error.
 """
+import dataclasses
+
 from ml_collections import config_dict
 
 from instructjax import parallel
 
 placeholder = config_dict.placeholder
+
+def section_from_dataclass(cls) -> config_dict.ConfigDict:
+  """A config section holding every field of dataclass `cls` at its default, so the dataclass is
+  the one source of its defaults (and its comments say what each field does). A field that may
+  be None becomes a typed placeholder, so an override can set a value or None."""
+  section = config_dict.ConfigDict()
+  for field in dataclasses.fields(cls):
+    annotation = str(field.type)
+    if "None" in annotation:
+      kind = next((t for t in (bool, int, float, str) if t.__name__ in annotation), float)
+      section[field.name] = placeholder(kind)
+      if field.default is not None:
+        section[field.name] = field.default
+    else:
+      section[field.name] = field.default
+  return section
+
 
 # Sizes of the model for each variant: "tiny" runs on a laptop CPU in minutes; "small" is the
 # GPT-2-like reference shape the benchmarks use. The tiny model uses rotary positions: with

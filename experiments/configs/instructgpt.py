@@ -13,8 +13,7 @@ pipeline order).
 from ml_collections import config_dict
 
 from experiments.configs import evaluate, ppo, pretrain, reward, sft
-
-STAGES = ("pretrain", "sft", "reward", "ppo", "ppo_ptx", "evaluate")
+from instructjax.trainers.pipeline import STAGE_NAMES as STAGES
 SMOKE_MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=128)
 
 

@@ -23,36 +23,16 @@ Ablations (`sweep` below): `python -m experiments.sweep --config experiments/con
 from ml_collections import config_dict
 
 from experiments.configs import base
+from instructjax.objectives.ppo import PPOConfig
 
 placeholder = config_dict.placeholder
 
 
 def ppo_section() -> config_dict.ConfigDict:
-  """Every field of `objectives.ppo.PPOConfig` at its default, plus the trainer's `value_init`."""
-  p = config_dict.ConfigDict()
-  p.kl_coef = 0.02              # beta (InstructGPT); the initial beta when adaptive
-  p.adaptive_kl = False
-  p.kl_target = 6.0             # nats per response (lm-human-preferences)
-  p.kl_horizon = 10_000.0       # episodes
-  p.kl_estimator = "k1"         # k1 | k3
-  p.gamma_discount = 1.0
-  p.gae_lambda = 0.95
-  p.clip_eps = 0.2
-  p.value_clip_eps = placeholder(float)
-  p.value_clip_eps = 0.2        # None turns value clipping off
-  p.vf_coef = 0.1
-  p.ppo_epochs = 4
-  p.num_minibatches = 1
-  p.grad_accum = 1
-  p.whiten_rewards = True
-  p.whiten_advantages = True
-  p.reward_clip = placeholder(float)   # None = off
-  p.eos_penalty = placeholder(float)   # score of a response without EOS; None = off
-  p.temperature = 1.0           # also the sampling temperature (linked)
-  p.ptx_coef = 27.8             # gamma of PPO-ptx (InstructGPT); 0 = plain PPO
-  p.normalise_reward = True
-  p.entropy_coef = 0.0
-  p.is_weight_cap = placeholder(float)  # truncated importance weights pi_old / pi_sampler; None = off
+  """Every field of `objectives.ppo.PPOConfig` at its default (the dataclass is the one source
+  of the defaults, InstructGPT's and lm-human-preferences', and says what each field does), plus
+  the trainer's `value_init`. `temperature` is also the sampling temperature (linked below)."""
+  p = base.section_from_dataclass(PPOConfig)
   p.value_init = "reward"       # trainer only: reward (RM's head + backbone) | zero (SFT backbone)
   return p
 

@@ -20,21 +20,24 @@ import ml_collections
 
 from instructjax.errors import InputError
 
-# (name, config section, trainer module, what its init paths point at)
+# The pipeline's stages in order: (name = config section = subdirectory, what its init paths
+# point at). Each section's own `stage` field says which trainer runs it (`stages.STAGES`).
 STAGES = (
-    ("pretrain", "lm", {}),
-    ("sft", "lm", {"init_from": "pretrain"}),
-    ("reward", "reward", {"init_from": "sft"}),
-    ("ppo", "ppo", {"init_from": "sft", "reward_from": "reward"}),
-    ("ppo_ptx", "ppo", {"init_from": "sft", "reward_from": "reward"}),
-    ("evaluate", "evaluate", {}),
+    ("pretrain", {}),
+    ("sft", {"init_from": "pretrain"}),
+    ("reward", {"init_from": "sft"}),
+    ("ppo", {"init_from": "sft", "reward_from": "reward"}),
+    ("ppo_ptx", {"init_from": "sft", "reward_from": "reward"}),
+    ("evaluate", {}),
 )
+STAGE_NAMES = tuple(name for name, _ in STAGES)
+STAGE_LINKS = dict(STAGES)
 
 
 def stage_config(config: ml_collections.ConfigDict, name: str, workdir: str):
   """The stage's own config with its init paths pointed at the earlier stages' workdirs."""
   section = config[name]
-  links = dict(STAGES_BY_NAME[name][1])
+  links = STAGE_LINKS[name]
   with section.unlocked():
     for field, source in links.items():
       section[field] = os.path.join(workdir, source)
@@ -45,9 +48,6 @@ def stage_config(config: ml_collections.ConfigDict, name: str, workdir: str):
       section.models.ppo_ptx = os.path.join(workdir, "ppo_ptx")
       section.reward_from = os.path.join(workdir, "reward")
   return section
-
-
-STAGES_BY_NAME = {name: (module, links) for name, module, links in STAGES}
 
 
 def is_done(stage_dir: str) -> bool:
@@ -73,7 +73,7 @@ def publish_report(evaluate_dir: str, workdir: str) -> None:
 
 def selected_stages(stages: str) -> list[str]:
   """The stages named in `config.stages` (comma-separated), in pipeline order."""
-  known = [name for name, _, _ in STAGES]
+  known = STAGE_NAMES
   asked = [name.strip() for name in stages.split(",") if name.strip()]
   unknown = sorted(set(asked) - set(known))
   if unknown or not asked:
@@ -83,7 +83,7 @@ def selected_stages(stages: str) -> list[str]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> None:
-  import importlib
+  from instructjax.trainers import stages
   names = selected_stages(config.stages)
   started = time.perf_counter()
   for i, name in enumerate(names, 1):
@@ -93,9 +93,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> None:
       continue
     print(f"[pipeline] stage {i}/{len(names)} {name} -> {stage_dir}", flush=True)
     os.makedirs(stage_dir, exist_ok=True)
-    module = importlib.import_module(f"instructjax.trainers.{STAGES_BY_NAME[name][0]}")
+    section = stage_config(config, name, workdir)
     stage_started = time.perf_counter()
-    final = module.run(stage_config(config, name, workdir), stage_dir)
+    final = stages.stage_runner(section.stage)(section, stage_dir)
     mark_done(stage_dir, time.perf_counter() - stage_started, final)
   publish_report(os.path.join(workdir, "evaluate"), workdir)
   print(f"[pipeline] all stages done in {time.perf_counter() - started:.0f}s; report: "
