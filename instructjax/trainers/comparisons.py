@@ -33,17 +33,15 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 
-from instructjax import parallel
 from instructjax.data import rankings
 from instructjax.data.synthetic import SyntheticTask
 from instructjax.data.tokenizers import Tokenizer
 from instructjax.errors import InputError
 from instructjax.models.decoder import LanguageModel
 from instructjax.sampling import Sampler, SamplingConfig
-from instructjax.trainers import common, generate, loop
+from instructjax.trainers import common, generate, workdirs
 
 COMPARISONS_DIR = "comparisons"
 SUMMARY_FILE = "summary.json"
@@ -127,19 +125,9 @@ def make_rankings(task: SyntheticTask, prompts: Sequence[str], ks: Sequence[int]
 # ----------------------------------------------------------------------------- responders
 
 
-def policy_handle(config, layout: common.Layout, model_cfg) -> common.ModelHandle:
-  """Graph and parameter layout of the SFT policy (a LanguageModel of `config.model`)."""
-  graphdef, abstract = common.split_model(lambda rngs: LanguageModel(model_cfg, rngs=rngs))
-  specs = parallel.param_specs(abstract, layout.rules, layout.mesh)
-  return common.ModelHandle(graphdef, model_cfg, parallel.named(layout.mesh, specs))
-
-
 def load_policy(config, layout: common.Layout, model_cfg) -> tuple[common.ModelHandle, dict]:
   """The SFT policy of `config.init_from`, restored straight onto this layout's shardings."""
-  handle = policy_handle(config, layout, model_cfg)
-  _, abstract = common.split_model(lambda rngs: LanguageModel(model_cfg, rngs=rngs))
-  target = common.abstract_with_shardings(nnx.to_pure_dict(abstract), handle.param_shardings)
-  return handle, loop.init_params_from(config.init_from, target)
+  return workdirs.restore_model(config.init_from, LanguageModel, model_cfg, layout)
 
 
 def policy_responder(config, layout: common.Layout, tokenizer: Tokenizer,

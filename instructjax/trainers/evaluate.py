@@ -29,16 +29,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import os
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
-from flax import nnx
 
-from instructjax import checkpoint, evaluation, parallel, report
+from instructjax import evaluation, parallel, report
 from instructjax.data import pipeline, records
 from instructjax.data.rankings import read_rankings
 from instructjax.data.synthetic import what_differs
@@ -48,7 +46,7 @@ from instructjax.metrics import read_metrics
 from instructjax.models.decoder import LanguageModel
 from instructjax.objectives import ppo, sft
 from instructjax.sampling import Sampler, SamplingConfig
-from instructjax.trainers import common, comparisons, generate, lm, loop, reward
+from instructjax.trainers import common, comparisons, generate, lm, reward, workdirs
 from instructjax.trainers.data_sources import synthetic_task
 
 # Where each model's LanguageModel parameters sit in its stage's checkpoint.
@@ -95,20 +93,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   evaluation.z_value(config.confidence)  # raises for a confidence outside (0, 1)
 
 
-def stage_config(workdir: str) -> ml_collections.ConfigDict | None:
-  """The config a stage saved in its workdir, or None if it saved none."""
-  path = os.path.join(workdir.rstrip("/"), "config.json")
-  if os.path.basename(workdir.rstrip("/")) == "checkpoints":
-    path = os.path.join(os.path.dirname(workdir.rstrip("/")), "config.json")
-  if not os.path.isfile(path):
-    return None
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def model_config_of(name: str, workdir: str, config, tokenizer: Tokenizer):
   """The ModelConfig a workdir was trained with; its tokenizer must be the evaluation's."""
-  stored = stage_config(workdir)
+  stored = workdirs.read_config(workdir)
   if stored is None:
     print(f"[evaluate] {workdir} has no config.json: using config.model for {name}", flush=True)
     return common.model_config(config, tokenizer)
@@ -120,25 +107,13 @@ def model_config_of(name: str, workdir: str, config, tokenizer: Tokenizer):
   return common.model_config(stored, tokenizer)
 
 
-def latest_step(workdir: str) -> int | None:
-  steps = checkpoint.Checkpointer(common.checkpoint_dir(workdir), save_every=1, keep=1)
-  try:
-    return steps.latest_step()
-  finally:
-    steps.close()
-
-
 def load_policy(name: str, workdir: str, config, layout: common.Layout,
                 tokenizer: Tokenizer) -> Policy:
   """The LanguageModel of a stage's latest checkpoint, sharded on `layout`."""
   model_cfg = model_config_of(name, workdir, config, tokenizer)
-  graphdef, abstract = common.split_model(lambda rngs: LanguageModel(model_cfg, rngs=rngs))
-  shardings = parallel.named(layout.mesh, parallel.param_specs(abstract, layout.rules,
-                                                               layout.mesh))
-  target = common.abstract_with_shardings(nnx.to_pure_dict(abstract), shardings)
-  params = loop.init_params_from(workdir, target, path=CHECKPOINT_PATHS[name])
-  return Policy(name, workdir, common.ModelHandle(graphdef, model_cfg, shardings), params,
-                latest_step(workdir))
+  model, params = workdirs.restore_model(workdir, LanguageModel, model_cfg, layout,
+                                         CHECKPOINT_PATHS[name])
+  return Policy(name, workdir, model, params, workdirs.latest_step(workdir))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -273,7 +248,7 @@ class RewardModel:
 
 def load_reward(workdir: str, layout: common.Layout) -> RewardModel:
   graphdef, params, _, gain, bias = reward.load_reward_model(workdir, layout)
-  data = stage_config(workdir).data
+  data = workdirs.read_config(workdir).data
   return RewardModel(graphdef, params, gain, bias, data.seq_len, data.max_prompt_len)
 
 
@@ -415,7 +390,7 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
   rankings = _graded_rankings(reward_workdir, "eval")
   if not rankings:
     return None
-  rm_config = stage_config(reward_workdir)  # the world the comparisons were ranked in
+  rm_config = workdirs.read_config(reward_workdir)  # the world the comparisons were ranked in
   task = synthetic_task(rm_config) if rm_config is not None else fallback_task
 
   def texts(rankings):

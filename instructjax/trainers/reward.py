@@ -29,7 +29,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
-from flax import nnx
 from jax.experimental import multihost_utils
 
 from instructjax import checkpoint, parallel
@@ -40,7 +39,7 @@ from instructjax.data.synthetic import SyntheticTask
 from instructjax.errors import InputError
 from instructjax.models.decoder import ScalarModel
 from instructjax.objectives import reward
-from instructjax.trainers import common, comparisons, data_sources, loop
+from instructjax.trainers import common, comparisons, data_sources, loop, workdirs
 from instructjax.trainers.data_sources import synthetic_task
 from instructjax.trainers.lm import make_optimizer
 
@@ -389,14 +388,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- for PPO
 
 
-def _stage_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
-    raise InputError(workdir, "has no config.json; is it a reward-model workdir?")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def _checkpoint_extra(directory: str, step: int) -> dict[str, Any]:
   manager = ocp.CheckpointManager(
       directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
@@ -428,19 +419,11 @@ def load_reward_model(workdir: str, layout: common.Layout):
   """A trained reward model for PPO: (graphdef, params, model_cfg, gain, bias).
 
   Params come from the latest checkpoint in `<workdir>/checkpoints`, restored straight onto
-  `layout`'s shardings (the mesh may differ from training's). The model config is rebuilt from
-  the run's saved config.json. PPO's reward is `gain * r + bias`: mean 0, std 1 on the SFT
-  policy's samples of the PPO prompts.
+  `layout`'s shardings (the mesh may differ from training's); the model config is rebuilt from
+  the run's config.json (`workdirs.restore_scalar`). PPO's reward is `gain * r + bias`: mean 0,
+  std 1 on the SFT policy's samples of the PPO prompts.
   """
-  workdir = workdir.rstrip("/")
-  if os.path.basename(workdir) == "checkpoints":
-    workdir = os.path.dirname(workdir)
-  config = _stage_config(workdir)
-  model_cfg = common.model_config(config, common.tokenizer_from_config(config))
-  graphdef, abstract_nnx = common.split_model(lambda rngs: ScalarModel(model_cfg, rngs=rngs))
-  specs = parallel.param_specs(abstract_nnx, layout.rules, layout.mesh)
-  target = common.abstract_with_shardings(nnx.to_pure_dict(abstract_nnx),
-                                          parallel.named(layout.mesh, specs))
-  params = loop.init_params_from(workdir, target)
+  workdir = workdirs.stage_dir(workdir)
+  model, params = workdirs.restore_scalar(workdir, layout)
   gain, bias = read_normalisation(workdir)
-  return graphdef, params, model_cfg, gain, bias
+  return model.graphdef, params, model.cfg, gain, bias

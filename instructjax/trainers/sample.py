@@ -5,44 +5,24 @@ and synthetic-task sections decide how to rebuild the model and score the answer
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import ml_collections
-from flax import nnx
 
-from instructjax import parallel
 from instructjax.data import records
 from instructjax.errors import InputError
-from instructjax.models.decoder import LanguageModel
 from instructjax.sampling import Sampler, SamplingConfig
-from instructjax.trainers import common, generate, loop
+from instructjax.trainers import common, generate, workdirs
 from instructjax.trainers.data_sources import synthetic_task
 
 
-def trained_config(checkpoint: str) -> ml_collections.ConfigDict:
-  """The config a stage workdir was trained with (written by every trainer as config.json)."""
-  workdir = checkpoint.rstrip("/")
-  if os.path.basename(workdir) == "checkpoints":
-    workdir = os.path.dirname(workdir)
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise InputError(path, "not found: --config.checkpoint must be a stage's workdir")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
-
-
 def policy_params(checkpoint: str, trained, layout: common.Layout):
-  """(ModelHandle, params) of the language model in a pretrain, SFT or PPO checkpoint."""
+  """(ModelHandle, params, tokenizer) of the language model in a pretrain, SFT or PPO workdir."""
   tokenizer = common.tokenizer_from_config(trained)
-  model_cfg = common.model_config(trained, tokenizer)
-  graphdef, abstract = common.split_model(lambda rngs: LanguageModel(model_cfg, rngs=rngs))
-  shardings = parallel.named(layout.mesh, parallel.param_specs(abstract, layout.rules, layout.mesh))
-  abstract_params = common.abstract_with_shardings(nnx.to_pure_dict(abstract), shardings)
-  path = ("params", "policy") if trained.stage == "ppo" else ("params",)
-  params = loop.init_params_from(checkpoint, abstract_params, path=path)
-  return common.ModelHandle(graphdef, model_cfg, shardings), params, tokenizer
+  model, params = workdirs.restore_policy(checkpoint, common.model_config(trained, tokenizer),
+                                          layout, trained)
+  return model, params, tokenizer
 
 
 def read_prompts(path: str) -> list[str]:
@@ -61,7 +41,7 @@ def read_prompts(path: str) -> list[str]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.checkpoint:
     raise InputError("config.checkpoint", "give a stage workdir to sample from")
-  trained = trained_config(config.checkpoint)
+  trained = workdirs.read_config(config.checkpoint, required="--config.checkpoint")
   layout = common.Layout.from_config(config)
   task = synthetic_task(trained) if trained.get("synthetic") else None
   if config.prompts_file:
