@@ -19,6 +19,7 @@ from instructjax.metrics import MetricWriter
 from instructjax.models.decoder import LanguageModel, ScalarModel
 from instructjax.sampling import SamplingConfig
 from instructjax.trainers import common, evaluate, lm, reward, sft_eval
+from instructjax.trainers import workdirs as workdirs_module
 
 Z95 = 1.959963984540054  # the 0.975 quantile of the standard normal
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -309,7 +310,7 @@ def test_rm_scores_are_normalised_and_accuracy_is_read(full_run, workdirs):
   _, config, results = full_run
   layout = common.Layout.from_config(config)
   tokenizer = common.tokenizer_from_config(config)
-  graphdef, params, _, gain, bias = reward.load_reward_model(workdirs["rm"], layout)
+  graphdef, params, _, gain, bias = workdirs_module.load_reward_model(workdirs["rm"], layout)
   assert (gain, bias) == (2.0, -1.0)
   prompts = [e["prompt"] for e in results["examples"]]
   responses = [e["responses"]["sft"] for e in results["examples"]]

@@ -15,7 +15,7 @@ from instructjax import checkpoint, parallel
 from instructjax.data import pipeline
 from instructjax.data.tokenizers import make_tokenizer
 from instructjax.errors import InputError
-from instructjax.trainers import common, lm, ppo, reward
+from instructjax.trainers import common, lm, ppo, reward, workdirs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,7 +94,7 @@ def test_end_to_end_writes_every_metric(unbroken):
     assert record["ptx_loss"] > 0  # the pretraining rows reached the update
     assert record["optimizer_steps"] == record["step"] * 2 * 2  # epochs x minibatches
   # The normalised score is the raw one through the reward model's gain and bias.
-  gain, bias = reward.read_normalisation(config.reward_from)
+  gain, bias = workdirs.read_normalisation(config.reward_from)
   np.testing.assert_allclose(train[0]["rm_score"], gain * train[0]["rm_score_raw"] + bias,
                              rtol=1e-4, atol=1e-5)
   # Adaptive KL moves beta every iteration (the tiny config's controller).

@@ -14,7 +14,7 @@ from instructjax.data import pipeline, ranking_batches, rankings
 from instructjax.data.builders import rankings as rankings_builder
 from instructjax.data.tokenizers import make_tokenizer
 from instructjax.errors import InputError
-from instructjax.trainers import comparisons, common, lm, reward
+from instructjax.trainers import comparisons, common, lm, reward, workdirs
 
 
 @pytest.fixture(scope="module")
@@ -109,14 +109,14 @@ def test_load_reward_model_returns_what_was_saved(synthetic_run):
   workdir, config, _ = synthetic_run
   layout = common.Layout(parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
                          parallel.DEFAULT_RULES)
-  graphdef, params, model_cfg, gain, bias = reward.load_reward_model(workdir, layout)
+  graphdef, params, model_cfg, gain, bias = workdirs.load_reward_model(workdir, layout)
   saved = params_at(workdir, config)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved)
   norm = json.load(open(os.path.join(workdir, "reward_normalisation.json")))
   assert (gain, bias) == (norm["gain"], norm["bias"])
   assert model_cfg.d_model == tiny.TINY_MODEL["d_model"]
   # The normalisation came from the checkpoint: it is the same there.
-  assert reward._checkpoint_extra(f"{workdir}/checkpoints", 4)["reward_normalisation"]["gain"] \
+  assert workdirs.checkpoint_extra(f"{workdir}/checkpoints", 4)["reward_normalisation"]["gain"] \
       == gain
   # The loaded model scores texts: normalised rewards of the reference set have mean ~0, std ~1.
   task_prompts = [json.loads(l)["prompt"] for l in open(f"{workdir}/comparisons/train.jsonl")]

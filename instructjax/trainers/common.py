@@ -107,6 +107,17 @@ def abstract_with_shardings(state_shape: Any, shardings: Any) -> Any:
                       state_shape, shardings)
 
 
+def make_optimizer(o: ml_collections.ConfigDict, total_steps: int, lr: float | None = None):
+  """(schedule, AdamW) of an `optimizer` config section over `total_steps` (`lr` overrides its
+  rate: PPO's value model)."""
+  from instructjax.objectives import sft
+  schedule = sft.learning_rate_schedule(o.lr if lr is None else lr, o.warmup_steps, total_steps,
+                                        o.decay, o.end_fraction)
+  optimizer = sft.make_optimizer(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+                                 eps=o.eps, clip_norm=o.clip_norm)
+  return schedule, optimizer
+
+
 def save_json(path: str, obj: Any) -> None:
   if jax.process_index() != 0:
     return

@@ -125,11 +125,6 @@ def make_rankings(task: SyntheticTask, prompts: Sequence[str], ks: Sequence[int]
 # ----------------------------------------------------------------------------- responders
 
 
-def load_policy(config, layout: common.Layout, model_cfg) -> tuple[common.ModelHandle, dict]:
-  """The SFT policy of `config.init_from`, restored straight onto this layout's shardings."""
-  return workdirs.restore_model(config.init_from, LanguageModel, model_cfg, layout)
-
-
 def policy_responder(config, layout: common.Layout, tokenizer: Tokenizer,
                      handle: common.ModelHandle, params, *, seed: int) -> Responder:
   """Samples of the policy at `config.sampling` (temperature, top-k/p) for a list of prompts."""
@@ -204,7 +199,7 @@ def collect(config, workdir: str, layout: common.Layout, tokenizer: Tokenizer,
   check_k_range(d.min_k, d.max_k)
   start = time.perf_counter()
   if config.init_from:
-    handle, params = load_policy(config, layout, model_cfg)
+    handle, params = workdirs.restore_model(config.init_from, LanguageModel, model_cfg, layout)
     respond = policy_responder(config, layout, tokenizer, handle, params, seed=config.seed)
     policy = f"samples of the SFT policy {config.init_from}"
   else:

@@ -46,7 +46,7 @@ from instructjax.metrics import read_metrics
 from instructjax.models.decoder import LanguageModel
 from instructjax.objectives import ppo, sft
 from instructjax.sampling import Sampler, SamplingConfig
-from instructjax.trainers import common, comparisons, generate, lm, reward, workdirs
+from instructjax.trainers import common, comparisons, generate, loop, reward, workdirs
 from instructjax.trainers.data_sources import synthetic_task
 
 # Where each model's LanguageModel parameters sit in its stage's checkpoint.
@@ -211,7 +211,9 @@ def pretraining_loss(policy: Policy, documents: Sequence[str], *, config,
       source, tokenizer, kind="pretrain", seq_len=e.seq_len, batch_size=local_batch,
       process_index=jax.process_index(), process_count=jax.process_count()))
   with layout.scope():
-    return float(lm.run_eval(compiled.eval_step(policy.handle), policy.params, data, layout, e.max_batches)["eval_loss"])
+    losses = loop.heldout_loss(compiled.eval_step(policy.handle), policy.params, data, layout,
+                               e.max_batches)
+    return float(losses["eval_loss"])
 
 
 def pretraining_documents(config, task) -> tuple[list[str], str]:
@@ -247,7 +249,7 @@ class RewardModel:
 
 
 def load_reward(workdir: str, layout: common.Layout) -> RewardModel:
-  graphdef, params, _, gain, bias = reward.load_reward_model(workdir, layout)
+  graphdef, params, _, gain, bias = workdirs.load_reward_model(workdir, layout)
   data = workdirs.read_config(workdir).data
   return RewardModel(graphdef, params, gain, bias, data.seq_len, data.max_prompt_len)
 

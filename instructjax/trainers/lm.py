@@ -32,27 +32,6 @@ def jit_steps(graphdef, optimizer, schedule, shardings, layout, use_dropout: boo
                                shardings, layout)
 
 
-def run_eval(evaluate, params, eval_data_fn: Callable, layout, max_batches: int) -> dict[str, float]:
-  """Summed held-out loss over the eval split (or its first `max_batches` batches)."""
-  sums = {"loss_sum": 0.0, "target_tokens": 0.0}
-  for i, local in enumerate(eval_data_fn()):
-    if max_batches and i >= max_batches:
-      break
-    out = evaluate(params, parallel.global_batch(local, layout.mesh))
-    for k in sums:
-      sums[k] += float(out[k])
-  return sft.eval_metrics(sums)
-
-
-def make_optimizer(config):
-  """The schedule and AdamW of `config.optimizer` over `config.steps` (shared with the RM stage)."""
-  o = config.optimizer
-  schedule = sft.learning_rate_schedule(o.lr, o.warmup_steps, config.steps, o.decay, o.end_fraction)
-  optimizer = sft.make_optimizer(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                                 eps=o.eps, clip_norm=o.clip_norm)
-  return schedule, optimizer
-
-
 def datasets(config, workdir, tokenizer, local_batch, stats):
   """The training iterator's dataset and a factory of one-pass held-out iterators."""
   sources = lm_sources(config, workdir)
@@ -84,7 +63,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   model_cfg = common.model_config(config, tokenizer)
   common.check_seq_len(model_cfg, config.data.seq_len)
   local_batch = parallel.check_global_batch(config.batch_size, layout.mesh, rules=layout.rules)
-  schedule, optimizer = make_optimizer(config)
+  schedule, optimizer = common.make_optimizer(config.optimizer, config.steps)
   stats = pipeline.PipelineStats()
   train_ds, eval_data_fn = datasets(config, workdir, tokenizer, local_batch, stats)
 
@@ -114,7 +93,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     return loop.train_loop(
         config, workdir, state=state, step_fn=loop.batch_steps(train_step, data_iter, layout),
         data_state=data_iter, ckpt=ckpt,
-        evaluate=lambda state: run_eval(eval_step, state["params"], eval_data_fn, layout,
+        evaluate=lambda state: loop.heldout_loss(eval_step, state["params"], eval_data_fn, layout,
                                         config.eval_batches),
         final_eval=final_eval,
         items_per_step=("tokens_per_second", config.batch_size * config.data.seq_len),

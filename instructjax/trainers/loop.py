@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from instructjax import checkpoint, parallel
 from instructjax.errors import InputError
 from instructjax.metrics import MetricWriter, NonFiniteLossError, Progress
+from instructjax.objectives import sft
 from instructjax.trainers import common
 
 
@@ -75,6 +76,20 @@ def summed_over_processes(counts: Mapping[str, int]) -> dict[str, int]:
   if jax.process_count() > 1:
     values = multihost_utils.process_allgather(values).sum(axis=0)
   return {k: int(v) for k, v in zip(counts, values)}
+
+
+def heldout_loss(eval_step, params, eval_data_fn: Callable, layout: common.Layout,
+                 max_batches: int) -> dict[str, float]:
+  """A language model's summed held-out loss over one pass of `eval_data_fn()` (or its first
+  `max_batches` batches): eval_loss and eval_perplexity (`objectives.sft.eval_metrics`)."""
+  sums = {"loss_sum": 0.0, "target_tokens": 0.0}
+  for i, local in enumerate(eval_data_fn()):
+    if max_batches and i >= max_batches:
+      break
+    out = eval_step(params, parallel.global_batch(local, layout.mesh))
+    for k in sums:
+      sums[k] += float(out[k])
+  return sft.eval_metrics(sums)
 
 
 def batch_steps(step_fn: Callable, data_iter: Iterator, layout: common.Layout) -> Callable:

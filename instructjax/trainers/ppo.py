@@ -60,10 +60,9 @@ from instructjax.errors import InputError
 from instructjax.models.decoder import LanguageModel, ScalarModel
 from instructjax.objectives import ppo, sft
 from instructjax.sampling import SampleOutput, Sampler, SamplingConfig
-from instructjax.trainers import common, comparisons, data_sources, loop, sft_eval
+from instructjax.trainers import common, data_sources, loop, sft_eval, workdirs
 from instructjax.trainers.data_sources import lm_sources, synthetic_task
-from instructjax.trainers.lm import run_eval
-from instructjax.trainers.reward import load_reward_model
+from instructjax.trainers.workdirs import load_reward_model
 
 VALUE_INITS = ("reward", "zero")
 # model: the reward model of `reward_from`. gold: the synthetic task's gold scorer as an oracle
@@ -140,13 +139,10 @@ def check_config(config, cfg: ppo.PPOConfig, layout: common.Layout) -> None:
 
 def make_optimizers(config, total_steps: int):
   """One AdamW per model (the value model's lr is `value_lr`, default the policy's)."""
-  o = config.optimizer
   optimizers, schedules = {}, {}
-  for name, lr in (("policy", o.lr), ("value", config.value_lr or o.lr)):
-    schedules[name] = sft.learning_rate_schedule(lr, o.warmup_steps, total_steps, o.decay,
-                                                 o.end_fraction)
-    optimizers[name] = sft.make_optimizer(schedules[name], weight_decay=o.weight_decay, b1=o.b1,
-                                          b2=o.b2, eps=o.eps, clip_norm=o.clip_norm)
+  lr = config.optimizer.lr
+  for name, lr in (("policy", lr), ("value", config.value_lr or lr)):
+    schedules[name], optimizers[name] = common.make_optimizer(config.optimizer, total_steps, lr)
   return optimizers, schedules
 
 
@@ -283,7 +279,7 @@ def load_models(config, layout, model_cfg) -> tuple[Models, dict[str, Any]]:
   is no reward model, and its normalisation is set after the first rollout
   (`gold_normalisation`)."""
   dtype = FROZEN_DTYPES[config.frozen_dtype]
-  policy, reference = comparisons.load_policy(config, layout, model_cfg)
+  policy, reference = workdirs.restore_model(config.init_from, LanguageModel, model_cfg, layout)
   frozen = dict(reference=_cast(reference, dtype, policy.param_shardings))
   reward, reward_cfg = None, None
   if config.reward_source == "model" or config.ppo.value_init == "reward":
@@ -355,7 +351,8 @@ def initial_value_params(config, layout, models: Models):
       return params
     return jax.jit(fold_normalisation, donate_argnums=0)(params, jnp.float32(gain),
                                                        jnp.float32(bias))
-  _, sft_params = comparisons.load_policy(config, layout, models.policy.cfg)
+  _, sft_params = workdirs.restore_model(config.init_from, LanguageModel, models.policy.cfg,
+                                        layout)
   abstract = _abstract_params(models.value, ScalarModel)
   zeros = lambda name: jax.device_put(jnp.zeros(abstract[name].shape, abstract[name].dtype),
                                       abstract[name].sharding)
@@ -478,7 +475,7 @@ def evaluate(config, task, state, models: Models, tokenizer, layout, ptx_eval, e
     out.update(sft_eval.gold_score_eval(config, task, policy, models.policy,
                                         tokenizer, layout))
   if ptx_eval is not None:
-    losses = run_eval(eval_step, policy, ptx_eval, layout, config.ptx.eval_batches)
+    losses = loop.heldout_loss(eval_step, policy, ptx_eval, layout, config.ptx.eval_batches)
     out.update(eval_ptx_loss=losses["eval_loss"], eval_ptx_perplexity=losses["eval_perplexity"])
   return out
 
@@ -488,7 +485,8 @@ def evaluate(config, task, state, models: Models, tokenizer, layout, ptx_eval, e
 
 def _create_state(config, layout, models, optimizers, cfg, shardings):
   """A fresh state: the SFT policy and the initial value model, with new optimizer states."""
-  _, policy = comparisons.load_policy(config, layout, models.policy.cfg)
+  _, policy = workdirs.restore_model(config.init_from, LanguageModel, models.policy.cfg,
+                                        layout)
   value = initial_value_params(config, layout, models)
   init = lambda p, v: ppo.init_state(p, v, optimizers, cfg, config.seed)
   state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(policy, value)

@@ -12,39 +12,36 @@
            SFT policy's samples on the PPO prompts reward mean 0 and std 1, stored both in
            `<workdir>/reward_normalisation.json` and in the final checkpoint's extra.
 
-PPO reads the result with `load_reward_model(workdir, layout)`: the ScalarModel's graph, its
-parameters restored onto that layout's shardings, the model config, and gain and bias;
+PPO reads the result with `workdirs.load_reward_model(workdir, layout)`: the ScalarModel's graph,
+its parameters restored onto that layout's shardings, the model config, and gain and bias;
 the reward PPO uses is `gain * r + bias` (`objectives.reward.apply_normalisation`).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
-from instructjax import checkpoint, parallel
+from instructjax import parallel
 from instructjax.data import pipeline, rankings
 from instructjax.data.records import iter_jsonl
 from instructjax.data.builders import rankings as rankings_builder
 from instructjax.data.synthetic import SyntheticTask
 from instructjax.errors import InputError
-from instructjax.models.decoder import ScalarModel
+from instructjax.models.decoder import LanguageModel, ScalarModel
 from instructjax.objectives import reward
 from instructjax.trainers import common, comparisons, data_sources, loop, workdirs
 from instructjax.trainers.data_sources import synthetic_task
-from instructjax.trainers.lm import make_optimizer
 
-NORMALISATION_FILE = "reward_normalisation.json"
-NORMALISATION_KEY = "reward_normalisation"
+NORMALISATION_FILE = workdirs.NORMALISATION_FILE
+NORMALISATION_KEY = workdirs.NORMALISATION_KEY
 
 
 # ----------------------------------------------------------------------------- data
@@ -289,7 +286,7 @@ def reference_samples(config, layout, tokenizer, model_cfg, task, train_source):
                            for i in range(len(train_source)))
       prompts = list(seen)[:n]
       where = f"{len(prompts)} prompts of the training rankings"
-    handle, params = comparisons.load_policy(config, layout, model_cfg)
+    handle, params = workdirs.restore_model(config.init_from, LanguageModel, model_cfg, layout)
     respond = comparisons.policy_responder(config, layout, tokenizer, handle, params,
                                            seed=config.seed + 1)
     return prompts, respond(prompts), f"SFT policy samples for {where}"
@@ -328,7 +325,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   model_cfg = common.model_config(config, tokenizer)
   common.check_seq_len(model_cfg, config.data.seq_len)
   local_batch = parallel.check_global_batch(config.batch_size, layout.mesh, rules=layout.rules)
-  schedule, optimizer = make_optimizer(config)
+  schedule, optimizer = common.make_optimizer(config.optimizer, config.steps)
   if not config.init_from:
     print("[reward] WARNING: no config.init_from: the reward model starts from scratch, not from "
           "an SFT model (and synthetic comparisons use the task's simulated responses)",
@@ -346,7 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def create():
       state = common.create_sharded(init, shardings)
       if config.init_from:
-        _, sft_params = comparisons.load_policy(config, layout, model_cfg)
+        _, sft_params = workdirs.restore_model(config.init_from, LanguageModel, model_cfg, layout)
         params = reward.init_from_sft(sft_params, state["params"])
         state = dict(state, params=jax.device_put(params, shardings["params"]))
         print(f"[{config.stage}] backbone initialised from {config.init_from}", flush=True)
@@ -383,47 +380,3 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The entry for `experiments.run` (config.stage == "reward")."""
   return train(config, workdir)
-
-
-# ----------------------------------------------------------------------------- for PPO
-
-
-def _checkpoint_extra(directory: str, step: int) -> dict[str, Any]:
-  manager = ocp.CheckpointManager(
-      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-      item_handlers={"extra": ocp.JsonCheckpointHandler()})
-  try:
-    return manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
-  finally:
-    manager.close()
-
-
-def read_normalisation(workdir: str) -> tuple[float, float]:
-  """(gain, bias) of a finished reward-model run: the final checkpoint's, else the JSON file's."""
-  directory = common.checkpoint_dir(workdir)
-  steps = checkpoint.Checkpointer(directory, save_every=1, keep=1)
-  latest = steps.latest_step()
-  steps.close()
-  stored = _checkpoint_extra(directory, latest).get(NORMALISATION_KEY) if latest else None
-  if not stored:
-    path = os.path.join(workdir, NORMALISATION_FILE)
-    if not os.path.isfile(path):
-      raise InputError(workdir, f"no reward normalisation in its last checkpoint or in "
-                       f"{NORMALISATION_FILE}; was the run finished with config.normalise=True?")
-    with open(path) as f:
-      stored = json.load(f)
-  return float(stored["gain"]), float(stored["bias"])
-
-
-def load_reward_model(workdir: str, layout: common.Layout):
-  """A trained reward model for PPO: (graphdef, params, model_cfg, gain, bias).
-
-  Params come from the latest checkpoint in `<workdir>/checkpoints`, restored straight onto
-  `layout`'s shardings (the mesh may differ from training's); the model config is rebuilt from
-  the run's config.json (`workdirs.restore_scalar`). PPO's reward is `gain * r + bias`: mean 0,
-  std 1 on the SFT policy's samples of the PPO prompts.
-  """
-  workdir = workdirs.stage_dir(workdir)
-  model, params = workdirs.restore_scalar(workdir, layout)
-  gain, bias = read_normalisation(workdir)
-  return model.graphdef, params, model.cfg, gain, bias

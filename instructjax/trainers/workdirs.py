@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable
 
 import ml_collections
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from instructjax import checkpoint, parallel
@@ -20,6 +21,9 @@ from instructjax.models.config import ModelConfig
 from instructjax.models.decoder import LanguageModel, ScalarModel
 from instructjax.trainers import common
 
+# A reward model's normalisation (gain, bias), kept in its final checkpoint's extra and a file.
+NORMALISATION_FILE = "reward_normalisation.json"
+NORMALISATION_KEY = "reward_normalisation"
 # Where each stage keeps its language model inside the train state.
 POLICY_PATHS = {"pretrain": ("params",), "sft": ("params",), "ppo": ("params", "policy")}
 
@@ -91,3 +95,43 @@ def latest_step(path: str) -> int | None:
     return steps.latest_step()
   finally:
     steps.close()
+
+
+def checkpoint_extra(directory: str, step: int) -> dict[str, Any]:
+  """The JSON `extra` saved with checkpoint `step` (data position, stage facts)."""
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers={"extra": ocp.JsonCheckpointHandler()})
+  try:
+    return manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+  finally:
+    manager.close()
+
+
+def read_normalisation(path: str) -> tuple[float, float]:
+  """(gain, bias) of a finished reward-model run: the final checkpoint's, else the JSON file's."""
+  workdir = stage_dir(path)
+  directory = common.checkpoint_dir(workdir)
+  latest = latest_step(workdir)
+  stored = checkpoint_extra(directory, latest).get(NORMALISATION_KEY) if latest else None
+  if not stored:
+    file = os.path.join(workdir, NORMALISATION_FILE)
+    if not os.path.isfile(file):
+      raise InputError(workdir, f"no reward normalisation in its last checkpoint or in "
+                       f"{NORMALISATION_FILE}; was the run finished with config.normalise=True?")
+    with open(file) as f:
+      stored = json.load(f)
+  return float(stored["gain"]), float(stored["bias"])
+
+
+def load_reward_model(path: str, layout: common.Layout):
+  """A trained reward model: (graphdef, params, model_cfg, gain, bias).
+
+  Params come from the latest checkpoint, restored straight onto `layout`'s shardings (the mesh
+  may differ from training's); the model config is rebuilt from the run's config.json. The
+  reward PPO uses is `gain * r + bias`: mean 0, std 1 on the SFT policy's samples of the PPO
+  prompts.
+  """
+  model, params = restore_scalar(path, layout)
+  gain, bias = read_normalisation(path)
+  return model.graphdef, params, model.cfg, gain, bias
