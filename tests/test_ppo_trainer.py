@@ -12,7 +12,7 @@ import tiny
 from experiments import sweep as sweep_lib
 from experiments.configs import ppo as ppo_configs
 from instructjax import checkpoint, parallel
-from instructjax.data import pipeline
+from instructjax.data import pipeline, records
 from instructjax.data.tokenizers import make_tokenizer
 from instructjax.errors import InputError
 from instructjax.trainers import common, lm, ppo, reward, workdirs
@@ -230,13 +230,16 @@ def test_prompt_files_errors_name_file_and_line(tmp_path):
   path = tmp_path / "prompts.jsonl"
   path.write_text('{"prompt": "Reverse: abc\\nAnswer:"}\n\n{"text": "no prompt"}\n')
   with pytest.raises(InputError, match=r"prompts.jsonl:3.*prompt"):
-    ppo.read_prompt_files([str(path)])
+    records.read_prompts(path)
   path.write_text('{"prompt": "a"}\n{"prompt": "  "}\n')
   with pytest.raises(InputError, match=r"prompts.jsonl:2.*empty"):
-    ppo.read_prompt_files([str(path)])
+    records.read_prompts(path)
   path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
-  assert [r["source"] for r in ppo.read_prompt_files([str(path)])] == [
-      f"{path}:1", f"{path}:2"]
+  assert [r["source"] for r in records.read_prompts(path)] == [f"{path}:1", f"{path}:2"]
+  text = tmp_path / "prompts.txt"
+  text.write_text("first\\nline\n\nsecond\n")
+  assert records.read_prompts(text) == [{"prompt": "first\nline", "source": f"{text}:1"},
+                                        {"prompt": "second", "source": f"{text}:3"}]
 
 
 def test_prompt_dataset_left_pads_cuts_and_resumes():

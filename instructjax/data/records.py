@@ -113,6 +113,26 @@ def validate_text(record: Any, where: str) -> dict[str, str]:
   return {"text": text, "source": where}
 
 
+def validate_prompt(record: Any, where: str) -> dict[str, str]:
+  """Checks one prompt record and returns {"prompt", "source"}."""
+  record = _require_object(record, where)
+  prompt = _require_string(record, "prompt", where)
+  if not prompt.strip():
+    raise InputError(where, "'prompt' is empty")
+  return {"prompt": prompt, "source": where}
+
+
+def read_prompts(path: str | os.PathLike) -> list[dict[str, str]]:
+  """Validated {"prompt", "source"} records: one per JSONL line ({"prompt": ...}), or one per
+  non-blank line of a text file (a literal \\n in it stands for a newline). PPO's prompt files
+  and the sampler's read prompts through here."""
+  if is_jsonl(path):
+    return [validate_prompt(value, where) for where, value in iter_jsonl(path)]
+  text = _read_whole_text(_require_file(path))
+  return [{"prompt": line.replace("\\n", "\n"), "source": f"{path}:{number}"}
+          for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+
+
 def read_demonstrations(path: str | os.PathLike) -> Iterator[dict[str, str]]:
   """Yields validated {"prompt", "completion", "source"} records of a JSONL file."""
   for where, value in iter_jsonl(path):

@@ -520,20 +520,23 @@ def batch_shards() -> int:
   return parallel.batch_divisor(mesh)
 
 
-def _check_micro_batches(rows: int, ptx_rows: int | None, accum: int) -> None:
-  """Each micro-batch must split evenly over the batch shards. Besides wasting devices, an uneven
-  split made XLA's partitioner return a wrong embedding gradient (seen with 2 rows on 4 shards)."""
-  shards = batch_shards()
-  for name, n in (("rollout", rows), ("pretraining", ptx_rows)):
+def check_micro_batches(rows: int, ptx_rows: int | None, accum: int, shards: int | None = None,
+                        where=("ppo rollout micro-batch", "ppo pretraining micro-batch")) -> None:
+  """Each micro-batch of a minibatch's `rows` rollout rows (and `ptx_rows` pretraining rows)
+  must split evenly over the batch shards (default: the active mesh's). Besides wasting
+  devices, an uneven split made XLA's partitioner return a wrong embedding gradient (seen with
+  2 rows on 4 shards). The trainer calls it before step 0 with its config's names as `where`."""
+  shards = batch_shards() if shards is None else shards
+  for name, n, place in (("rollout", rows, where[0]), ("pretraining", ptx_rows, where[1])):
     if n is None:
       continue
     if n % accum:
       raise InputError("ppo.grad_accum", f"{accum} micro-batches do not divide the minibatch's "
                        f"{n} {name} rows")
     if (n // accum) % shards:
-      raise InputError(f"ppo {name} micro-batch", f"{n // accum} rows (a minibatch of {n} in "
-                       f"{accum} micro-batches) do not split evenly over the {shards} batch "
-                       "shards (data x fsdp); make each micro-batch a multiple of them")
+      raise InputError(place, f"{n // accum} rows (a minibatch of {n} in {accum} micro-batches) "
+                       f"do not split evenly over the {shards} batch shards; make each "
+                       "micro-batch a multiple of them")
 
 
 def _minibatch_loss(params, micro: Rollout, ptx: Rollout | None, denominators, *,
@@ -577,7 +580,7 @@ def minibatch_grads(params, minibatch: Rollout, ptx: Rollout | None = None, *,
   of pretraining text (or None); its token-mean NLL enters the policy loss times cfg.ptx_coef.
   """
   accum = cfg.grad_accum
-  _check_micro_batches(minibatch["tokens"].shape[0],
+  check_micro_batches(minibatch["tokens"].shape[0],
                        None if ptx is None else ptx["tokens"].shape[0], accum)
   n_tokens = (minibatch["response_mask"] > 0).sum().astype(jnp.float32)
   n_ptx = (jnp.zeros((), jnp.float32) if ptx is None

@@ -115,12 +115,9 @@ def check_config(config, cfg: ppo.PPOConfig, layout: common.Layout) -> None:
     raise InputError("config.iterations", f"must be >= 1, got {config.iterations}")
   parallel.check_global_batch(config.rollout_batch_size, layout.mesh,
                               "config.rollout_batch_size", rules=layout.rules)
-  shards, accum = parallel.batch_divisor(layout.mesh, layout.rules), cfg.grad_accum
-  minibatch, extra = divmod(config.rollout_batch_size, cfg.num_minibatches)
-  if extra or minibatch % (shards * accum):
-    raise InputError("config.rollout_batch_size", f"{config.rollout_batch_size} episodes in "
-                     f"{cfg.num_minibatches} minibatches of {accum} micro-batches must give "
-                     f"micro-batches that split evenly over the {shards} batch shards")
+  if config.rollout_batch_size % cfg.num_minibatches:
+    raise InputError("config.rollout_batch_size", f"{config.rollout_batch_size} episodes do not "
+                     f"split into {cfg.num_minibatches} minibatches (ppo.num_minibatches)")
   if config.ptx.source not in ("synthetic", "files", "none"):
     raise InputError("config.ptx.source", f"{config.ptx.source!r} is not synthetic, files or none")
   if cfg.ptx_coef > 0:
@@ -129,9 +126,10 @@ def check_config(config, cfg: ppo.PPOConfig, layout: common.Layout) -> None:
                        "text (or set ppo.ptx_coef=0 for plain PPO)")
     parallel.check_global_batch(config.ptx.batch_size, layout.mesh, "config.ptx.batch_size",
                                 rules=layout.rules)
-    if config.ptx.batch_size % (shards * accum):
-      raise InputError("config.ptx.batch_size", f"{config.ptx.batch_size} rows in {accum} "
-                       f"micro-batches do not split evenly over the {shards} batch shards")
+  ppo.check_micro_batches(config.rollout_batch_size // cfg.num_minibatches,
+                          config.ptx.batch_size if cfg.ptx_coef > 0 else None, cfg.grad_accum,
+                          parallel.batch_divisor(layout.mesh, layout.rules),
+                          where=("config.rollout_batch_size", "config.ptx.batch_size"))
   if config.ptx.source != "none" or config.data.source == "synthetic":
     parallel.check_global_batch(config.sampling.batch_size, layout.mesh,
                                 "config.sampling.batch_size", rules=layout.rules)
@@ -149,26 +147,6 @@ def make_optimizers(config, total_steps: int):
 # ----------------------------------------------------------------------------- data
 
 
-def read_prompt_files(paths) -> list[dict]:
-  """Every {"prompt": str} record of JSONL files; a bad line is an InputError naming file:line."""
-  out = []
-  for path in paths:
-    for where, value in records.iter_jsonl(path):
-      if not isinstance(value, dict):
-        raise InputError(where, f"expected a JSON object with a 'prompt', got "
-                         f"{type(value).__name__}")
-      prompt = value.get("prompt")
-      if not isinstance(prompt, str):
-        raise InputError(where, "missing 'prompt' string" if prompt is None
-                         else f"'prompt' must be a string, got {type(prompt).__name__}")
-      if not prompt.strip():
-        raise InputError(where, "'prompt' is empty")
-      out.append({"prompt": prompt, "source": where})
-  if not out:
-    raise InputError("config.data.files", "no prompts in " + ", ".join(map(str, paths)))
-  return out
-
-
 def prompt_records(config, task) -> list[dict]:
   """The PPO prompts: the synthetic task's "ppo" split, or the user's JSONL files."""
   if config.data.source == "synthetic":
@@ -178,7 +156,10 @@ def prompt_records(config, task) -> list[dict]:
     paths = data_sources.split_paths(config.data.files, "config.data.files")
     if not paths:
       raise InputError("config.data.files", "source=files needs at least one prompt file")
-    return read_prompt_files(paths)
+    prompts = [record for path in paths for record in records.read_prompts(path)]
+    if not prompts:
+      raise InputError("config.data.files", "no prompts in " + ", ".join(map(str, paths)))
+    return prompts
   raise InputError("config.data.source", f"{config.data.source!r} is not 'synthetic' or 'files'")
 
 

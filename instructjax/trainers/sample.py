@@ -25,19 +25,6 @@ def policy_params(checkpoint: str, trained, layout: common.Layout):
   return model, params, tokenizer
 
 
-def read_prompts(path: str) -> list[str]:
-  """Prompts from JSON Lines ({"prompt": ...}) or a text file with one prompt per line."""
-  if records.is_jsonl(path):
-    prompts = []
-    for where, value in records.iter_jsonl(path):
-      if not isinstance(value, dict) or not isinstance(value.get("prompt"), str):
-        raise InputError(where, 'expected an object with a string "prompt"')
-      prompts.append(value["prompt"])
-    return prompts
-  with open(path, encoding="utf-8") as f:
-    return [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not config.checkpoint:
     raise InputError("config.checkpoint", "give a stage workdir to sample from")
@@ -45,7 +32,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   layout = common.Layout.from_config(config)
   task = synthetic_task(trained) if trained.get("synthetic") else None
   if config.prompts_file:
-    prompts = read_prompts(config.prompts_file)[:config.num_prompts]
+    prompts = [r["prompt"] for r in records.read_prompts(config.prompts_file)]
+    prompts = prompts[:config.num_prompts]
   elif task is not None:
     prompts = task.prompts(config.num_prompts, config.split, style=config.style or None)
   else:
