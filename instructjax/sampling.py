@@ -340,4 +340,3 @@ class Sampler:
                        "(data x fsdp); pad the batch or change the mesh")
     with jax.set_mesh(self.mesh), parallel.axis_rules(self.rules):
       return self._jitted(params, prompt_tokens, prompt_mask, rng)
-

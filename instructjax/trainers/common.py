@@ -17,6 +17,7 @@ from instructjax import parallel
 from instructjax.data.tokenizers import Tokenizer, make_tokenizer
 from instructjax.errors import InputError
 from instructjax.models.config import ModelConfig, pad_vocab
+from instructjax.sampling import Sampler, SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,20 @@ def create_sharded(init_fn: Callable[[], Any], shardings: Any) -> Any:
 def abstract_with_shardings(state_shape: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       state_shape, shardings)
+
+
+def sampling_config(s: ml_collections.ConfigDict, greedy: bool = False) -> SamplingConfig:
+  """The SamplingConfig of a `sampling` config section (prompt_len and batch_size are the
+  caller's: how prompts are cut and batched)."""
+  return SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                        top_k=s.top_k, top_p=s.top_p, greedy=greedy)
+
+
+def sampler(model: "ModelHandle", sampling: SamplingConfig, tokenizer: Tokenizer,
+            layout: Layout) -> Sampler:
+  """A jitted sampler of `model` on `layout`, stopping at the tokenizer's EOS."""
+  return Sampler(model.graphdef, sampling, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                 mesh=layout.mesh, param_shardings=model.param_shardings, rules=layout.rules)
 
 
 def make_optimizer(o: ml_collections.ConfigDict, total_steps: int, lr: float | None = None):

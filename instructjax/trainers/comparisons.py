@@ -40,7 +40,6 @@ from instructjax.data.synthetic import SyntheticTask
 from instructjax.data.tokenizers import Tokenizer
 from instructjax.errors import InputError
 from instructjax.models.decoder import LanguageModel
-from instructjax.sampling import Sampler, SamplingConfig
 from instructjax.trainers import common, generate, workdirs
 
 COMPARISONS_DIR = "comparisons"
@@ -129,11 +128,7 @@ def policy_responder(config, layout: common.Layout, tokenizer: Tokenizer,
                      handle: common.ModelHandle, params, *, seed: int) -> Responder:
   """Samples of the policy at `config.sampling` (temperature, top-k/p) for a list of prompts."""
   s = config.sampling
-  sampler = Sampler(handle.graphdef,
-                    SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                   top_k=s.top_k, top_p=s.top_p),
-                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=layout.mesh,
-                    param_shardings=handle.param_shardings, rules=layout.rules)
+  sampler = common.sampler(handle, common.sampling_config(s), tokenizer, layout)
 
   def respond(prompts: Sequence[str]) -> list[str]:
     completions = generate.complete(sampler, params, tokenizer, prompts, jax.random.PRNGKey(seed),

@@ -261,8 +261,7 @@ def load_reward(workdir: str, layout: common.Layout) -> RewardModel:
 def _sampling_configs(config) -> tuple[SamplingConfig, SamplingConfig, bool]:
   """(decoding, KL sampling, whether the decoding samples already serve for KL)."""
   s = config.sampling
-  decoding = SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                            top_k=s.top_k, top_p=s.top_p, greedy=config.greedy)
+  decoding = common.sampling_config(s, config.greedy)
   for_kl = SamplingConfig(max_new_tokens=s.max_new_tokens)
   return decoding, for_kl, decoding == for_kl
 

@@ -72,5 +72,3 @@ def _this_process_rows(tokens, mask, mesh):
   local = {"tokens": tokens[i * per:(i + 1) * per], "mask": mask[i * per:(i + 1) * per]}
   batch = parallel.global_batch(local, mesh)
   return batch["tokens"], batch["mask"]
-
-

@@ -59,7 +59,7 @@ from instructjax.data import pipeline, records
 from instructjax.errors import InputError
 from instructjax.models.decoder import LanguageModel, ScalarModel
 from instructjax.objectives import ppo, sft
-from instructjax.sampling import SampleOutput, Sampler, SamplingConfig
+from instructjax.sampling import SampleOutput, Sampler
 from instructjax.trainers import common, data_sources, loop, sft_eval, workdirs
 from instructjax.trainers.data_sources import lm_sources, synthetic_task
 from instructjax.trainers.workdirs import load_reward_model
@@ -386,11 +386,7 @@ def jit_phases(config, layout, models: Models, frozen, shardings, optimizers,
   """The four phases, jitted with explicit shardings: every per-episode array is split over the
   batch axes (data x fsdp), parameters and optimizer states follow their specs."""
   s, mesh = config.sampling, layout.mesh
-  sampler = Sampler(models.policy.graphdef,
-                    SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                   top_k=s.top_k, top_p=s.top_p),
-                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=mesh,
-                    param_shardings=models.policy.param_shardings, rules=layout.rules)
+  sampler = common.sampler(models.policy, common.sampling_config(s), tokenizer, layout)
 
   def score(params, frozen, prompt_tokens, prompt_mask, sample, score_raw):
     rollout = _rollout(prompt_tokens, prompt_mask, sample.tokens, sample.mask)

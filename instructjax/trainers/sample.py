@@ -12,7 +12,6 @@ import ml_collections
 
 from instructjax.data import records
 from instructjax.errors import InputError
-from instructjax.sampling import Sampler, SamplingConfig
 from instructjax.trainers import common, generate, workdirs
 from instructjax.trainers.data_sources import synthetic_task
 
@@ -42,11 +41,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with layout.scope():
     model, params, tokenizer = policy_params(config.checkpoint, trained, layout)
     s = config.sampling
-    sampler = Sampler(model.graphdef,
-                      SamplingConfig(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                     top_k=s.top_k, top_p=s.top_p, greedy=config.greedy),
-                      eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=layout.mesh,
-                      param_shardings=model.param_shardings, rules=layout.rules)
+    sampler = common.sampler(model, common.sampling_config(s, config.greedy), tokenizer, layout)
     completions = generate.complete(sampler, params, tokenizer, prompts,
                                     jax.random.PRNGKey(config.seed), prompt_len=s.prompt_len,
                                     batch_size=s.batch_size, mesh=layout.mesh)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from instructjax.sampling import Sampler, SamplingConfig
-from instructjax.trainers import generate
+from instructjax.sampling import SamplingConfig
+from instructjax.trainers import common, generate
 from instructjax.trainers.data_sources import synthetic_task
 
 
@@ -16,10 +16,8 @@ def gold_score_eval(config, task, params, model, tokenizer, layout, *, prompts=N
                     split: str = "eval") -> dict[str, float]:
   """Mean gold score, EOS rate and length of greedy responses to `config.eval_samples` prompts."""
   prompts = prompts if prompts is not None else task.prompts(config.eval_samples, split)
-  sampler = Sampler(model.graphdef, SamplingConfig(max_new_tokens=config.sampling.max_new_tokens,
-                                                   greedy=True),
-                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, mesh=layout.mesh,
-                    param_shardings=model.param_shardings, rules=layout.rules)
+  sampler = common.sampler(model, SamplingConfig(config.sampling.max_new_tokens, greedy=True),
+                           tokenizer, layout)
   completions = generate.complete(sampler, params, tokenizer, prompts, jax.random.PRNGKey(0),
                                   prompt_len=config.sampling.prompt_len,
                                   batch_size=config.sampling.batch_size, mesh=layout.mesh)
