@@ -8,23 +8,29 @@ import dataclasses
 from ml_collections import config_dict
 
 from instructjax import parallel
+from instructjax.models.config import ModelConfig
 
 placeholder = config_dict.placeholder
 
-def section_from_dataclass(cls) -> config_dict.ConfigDict:
+def section_from_dataclass(cls, **config_defaults) -> config_dict.ConfigDict:
   """A config section holding every field of dataclass `cls` at its default, so the dataclass is
   the one source of its defaults (and its comments say what each field does). A field that may
-  be None becomes a typed placeholder, so an override can set a value or None."""
+  be None becomes a typed placeholder, so an override can set a value or None.
+  `config_defaults` are the few fields whose config default differs from the dataclass's, each
+  named with its reason where it is passed."""
   section = config_dict.ConfigDict()
   for field in dataclasses.fields(cls):
+    default = config_defaults.pop(field.name, field.default)
     annotation = str(field.type)
-    if "None" in annotation:
+    if "None" in annotation or default is None:
       kind = next((t for t in (bool, int, float, str) if t.__name__ in annotation), float)
       section[field.name] = placeholder(kind)
-      if field.default is not None:
-        section[field.name] = field.default
+      if default is not None:
+        section[field.name] = default
     else:
-      section[field.name] = field.default
+      section[field.name] = default
+  if config_defaults:
+    raise ValueError(f"{cls.__name__} has no fields {sorted(config_defaults)}")
   return section
 
 
@@ -39,34 +45,19 @@ MODEL_SIZES = {
 
 
 def model_config(size: str = "tiny", flavour: str = "gpt2") -> config_dict.ConfigDict:
-  """The decoder section; `vocab_size` None takes the tokenizer's, padded to a multiple of 128."""
-  m = config_dict.ConfigDict()
-  m.flavour = flavour
-  m.vocab_size = placeholder(int)
-  m.d_model = 128
-  m.n_layers = 2
-  m.n_heads = 4
-  m.n_kv_heads = placeholder(int)
-  m.d_ff = placeholder(int)
-  m.max_len = 128
-  m.norm = placeholder(str)
-  m.mlp = placeholder(str)
-  m.position = placeholder(str)
-  m.tie_embeddings = placeholder(bool)
-  m.use_bias = placeholder(bool)
-  m.rope_theta = 10_000.0
-  m.norm_eps = 1e-5
-  m.dtype = "float32"
-  m.dropout = 0.0
-  # "dots" keeps only matmul outputs for the backward pass and recomputes the elementwise ops
-  # (norms, GELU, softmax) there: less memory traffic, so faster on CPU too (benchmark at the
-  # reference shape: SFT step -7 to -11 %, tiny SFT +20 % steps/s); results differ only by
-  # floating-point rounding.
-  m.remat = "dots"
-  m.scan_unroll = 1
-  m.attention_impl = placeholder(str)  # None: cuDNN flash attention on GPU in bf16, else XLA
-  m.init_std = 0.02
-  m.init_from_hf = ""   # a local Hugging Face checkpoint dir: its architecture and weights
+  """The decoder section: every `ModelConfig` field (the dataclass holds the defaults), the
+  variant's sizes, and `init_from_hf`, a local Hugging Face checkpoint dir whose architecture
+  and weights the model takes."""
+  m = section_from_dataclass(
+      ModelConfig, flavour=flavour,
+      # None: the tokenizer's vocabulary, padded to a multiple of 128 (`common.model_config`).
+      vocab_size=None, real_vocab_size=None,
+      # "dots" keeps only matmul outputs for the backward pass and recomputes the elementwise
+      # ops (norms, GELU, softmax) there: less memory traffic, so faster on CPU too (benchmark
+      # at the reference shape: SFT step -7 to -11 %, tiny SFT +20 % steps/s); results differ
+      # only by floating-point rounding.
+      remat="dots")
+  m.init_from_hf = ""
   m.update(MODEL_SIZES[size])
   return m
 
