@@ -68,3 +68,12 @@ def test_a_mistyped_override_is_one_line_naming_the_field(tmp_path):
       'error: bad --config override: no field rm_train_rankngs; Did you mean "rm_train_rankings" '
       'instead of "rm_train_rankngs"?')
   assert not os.path.exists(tmp_path / "evaluate")
+
+
+def test_the_small_variant_takes_every_stages_small_section():
+  small, tiny = instructgpt.get_config("small"), instructgpt.get_config()
+  for name in instructgpt.STAGES:
+    assert small[name].model.d_model == 256 and tiny[name].model.d_model == 128, name
+  assert small.ppo.ppo.ptx_coef == 0.0 and small.ppo_ptx.ppo.ptx_coef == 27.8
+  with pytest.raises(ValueError, match="no such variant"):
+    instructgpt.get_config("large")

@@ -6,7 +6,11 @@ pretrain -> SFT -> comparison collection + reward model -> PPO (ptx_coef = 0) an
 evaluation of GPT, GPT-prompted, SFT, PPO and PPO-ptx, ending with <workdir>/report.md and
 report.json. Each stage runs in <workdir>/<stage>; re-running the command skips finished stages and
 resumes an interrupted one. Sized for a 2-core CPU (no files, no GPU); `:smoke` is a ~2-minute
-version for tests. Every stage's config is a section: e.g. `--config.sft.steps=600`,
+version for tests; `:small` takes every stage's `small` variant (the GPT-2-like reference shape,
+the paper's PPO settings: 256 rollouts a 500-iteration run), a size for one GPU:
+
+  python -m experiments.run --config experiments/configs/instructgpt.py:small --workdir /tmp/small
+ Every stage's config is a section: e.g. `--config.sft.steps=600`,
 `--config.ppo_ptx.ppo.ptx_coef=2.0`, `--config.stages=pretrain,sft` (comma-separated, run in
 pipeline order).
 """
@@ -66,18 +70,22 @@ def _default(c: config_dict.ConfigDict) -> None:
     c[name].iterations, c[name].eval_every, c[name].save_every = 40, 20, 20
 
 
+VARIANTS = ("", "smoke", "small")
+
+
 def get_config(arg: str = ""):
-  smoke = arg == "smoke"
+  if arg not in VARIANTS:
+    raise ValueError(f"instructgpt.py:{arg}: no such variant; one of {VARIANTS}")
   c = config_dict.ConfigDict()
   c.stage = "pipeline"
   c.distributed = False
   c.stages = ",".join(STAGES)
-  for name, section in _sections("tiny").items():
+  for name, section in _sections("small" if arg == "small" else "tiny").items():
     c[name] = section
   with c.unlocked():
-    if smoke:
+    if arg == "smoke":
       _smoke(c)
-    else:
+    elif not arg:
       _default(c)
   c.lock()
   return c
