@@ -8,6 +8,7 @@ import dataclasses
 from ml_collections import config_dict
 
 from instructjax import parallel
+from instructjax.data.synthetic import TaskConfig
 from instructjax.models.config import ModelConfig
 
 placeholder = config_dict.placeholder
@@ -114,26 +115,23 @@ def data_config(fmt: str, seq_len: int, max_prompt_len: int = 0) -> config_dict.
 
 
 def synthetic_config() -> config_dict.ConfigDict:
-  """The synthetic task's knobs (`instructjax.data.synthetic.TaskConfig`); every stage must agree."""
-  s = config_dict.ConfigDict()
-  s.seed = 0
-  s.labeler_agreement = 0.73
-  # Comma-separated subset of the task's instructions ("" = all nine). The default keeps the
-  # digit-list ones, still easy (first, last), medium (count, max, min) and hard (sort): a
-  # 2-layer byte model does not learn the character-copying ones (upper, reverse, repeat:
-  # greedy gold 0.1-0.25 after 1 000 SFT steps) within a CPU budget, and prompts whose K
-  # samples are all wrong give the reward model comparisons that are nearly pure labeler noise.
-  s.instructions = "first,last,count,max,min,sort"
-  s.alphabet = "abcdefgh"
-  s.word_len = (2, 5)         # inclusive ranges
-  s.list_len = (2, 4)
-  s.max_prompt_chars = 64     # must fit data.max_prompt_len / sampling.prompt_len (1 char = 1 token)
-  # Most demonstrations end with a remark the rankers dislike ("hope it helps."): the paper's
-  # premise that comparisons carry preferences the demonstrations lack. At 0 the only thing RLHF
-  # can improve is the task skill itself, which a CPU-sized PPO run barely moves (README, "What
-  # reproduces"). Above 0.5, SFT's greedy answer carries the remark.
-  s.remark_rate = 0.6
-  return s
+  """The synthetic task's knobs: every `instructjax.data.synthetic.TaskConfig` field (the
+  dataclass holds the defaults and says what each does); every stage must agree.
+  `max_prompt_chars` must fit data.max_prompt_len and sampling.prompt_len (1 char = 1 token)."""
+  return section_from_dataclass(
+      TaskConfig,
+      # Comma-separated subset of the task's instructions ("" = all nine). The default keeps the
+      # digit-list ones, still easy (first, last), medium (count, max, min) and hard (sort): a
+      # 2-layer byte model does not learn the character-copying ones (upper, reverse, repeat:
+      # greedy gold 0.1-0.25 after 1 000 SFT steps) within a CPU budget, and prompts whose K
+      # samples are all wrong give the reward model comparisons that are nearly pure labeler noise.
+      instructions="first,last,count,max,min,sort",
+      list_len=(2, 4),
+      # Most demonstrations end with a remark the rankers dislike ("hope it helps."): the paper's
+      # premise that comparisons carry preferences the demonstrations lack. At 0 the only thing
+      # RLHF can improve is the task skill itself, which a CPU-sized PPO run barely moves (README,
+      # "What reproduces"). Above 0.5, SFT's greedy answer carries the remark.
+      remark_rate=0.6)
 
 
 def sampling_config(prompt_len: int, max_new_tokens: int = 24) -> config_dict.ConfigDict:

@@ -5,6 +5,7 @@ exercises exactly the path a user's own data takes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -17,19 +18,25 @@ from instructjax.errors import InputError
 
 
 def synthetic_task(config) -> SyntheticTask:
-  """The synthetic task of `config.synthetic`; fields a config lacks keep TaskConfig's defaults."""
-  s = config.synthetic
-  fields = dict(seed=s.seed, labeler_agreement=s.labeler_agreement)
-  if s.get("instructions"):
-    fields["instructions"] = tuple(name.strip() for name in s.instructions.split(",")
-                                   if name.strip())
-  for name in ("alphabet", "max_prompt_chars", "remark_rate"):
-    if s.get(name) is not None:
-      fields[name] = s[name]
-  for name in ("word_len", "list_len"):
-    if s.get(name) is not None:
-      fields[name] = tuple(int(v) for v in s[name])
+  """The synthetic task of `config.synthetic`; a field the config lacks (a workdir written before
+  the field existed) or leaves empty keeps TaskConfig's default."""
+  section = config.synthetic
+  fields = {}
+  for field in dataclasses.fields(TaskConfig):
+    value = section.get(field.name)
+    if value is None or value == "":
+      continue
+    if field.name == "instructions" and isinstance(value, str):
+      value = [name.strip() for name in value.split(",") if name.strip()]
+    fields[field.name] = _as_tuples(value)
   return SyntheticTask(TaskConfig(**fields))
+
+
+def _as_tuples(value):
+  """Lists (a config read back from JSON) as the tuples TaskConfig holds, nested ones too."""
+  if isinstance(value, (list, tuple)):
+    return tuple(_as_tuples(v) for v in value)
+  return value
 
 
 def split_paths(value: str, where: str) -> list[str]:
