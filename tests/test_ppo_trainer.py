@@ -57,7 +57,7 @@ def restored_state(workdir, config, step=None):
                                             jax.devices()[:1]), parallel.DEFAULT_RULES)
   model_cfg = common.model_config(config, common.tokenizer_from_config(config))
   with layout.scope():
-    models, _ = ppo.load_models(config, layout, model_cfg)
+    models, _, _ = ppo.load_models(config, layout, model_cfg, fresh=False)
     optimizers, _ = ppo.make_optimizers(config, 1)
     abstract, _ = ppo.state_shardings(models, optimizers, layout, cfg, config.seed)
   ckpt = checkpoint.Checkpointer(f"{workdir}/checkpoints", save_every=1, keep=10)
@@ -136,10 +136,10 @@ def _initial(config):
                          parallel.DEFAULT_RULES)
   model_cfg = common.model_config(config, common.tokenizer_from_config(config))
   with layout.scope():
-    models, frozen = ppo.load_models(config, layout, model_cfg)
+    models, frozen, sources = ppo.load_models(config, layout, model_cfg, fresh=True)
     optimizers, _ = ppo.make_optimizers(config, 4)
     _, shardings = ppo.state_shardings(models, optimizers, layout, cfg, config.seed)
-    state = ppo._create_state(config, layout, models, optimizers, cfg, shardings)
+    state = ppo._create_state(config, models, sources, optimizers, cfg, shardings)
   assert state["params"]["policy"]["backbone"]["layers"]["wq"].sharding.spec == \
       parallel.PartitionSpec(None, "fsdp", "tensor", None)
   return jax.device_get(state), jax.device_get(frozen)
@@ -168,6 +168,23 @@ def test_value_init_reward_copies_the_rm_and_zero_puts_a_zero_head_on_sft(stages
   jax.tree.map(np.testing.assert_array_equal, from_reward["params"]["policy"],
                frozen["reference"])
   assert from_reward["kl_coef"] == np.float32(tiny.ppo_config().ppo.kl_coef)
+
+
+def test_a_fresh_start_reads_each_checkpoint_once(stages, monkeypatch):
+  """The SFT policy seeds the policy, the reference and (value_init=zero) the value; the reward
+  model the frozen reward and the value: one read each, and no buffer shared between the state
+  (which the update donates) and the frozen models."""
+  reads = []
+  original = checkpoint.restore_subtree
+  monkeypatch.setattr(checkpoint, "restore_subtree",
+                      lambda directory, *a, **k: reads.append(str(directory)) or
+                      original(directory, *a, **k))
+  for overrides in ({}, {"ppo.value_init": "zero"}):
+    reads.clear()
+    state, frozen = _initial(tiny.ppo_config(**overrides, **stages))
+    assert sorted(reads) == sorted(common.checkpoint_dir(stages[name])
+                                   for name in ("init_from", "reward_from")), reads
+    jax.tree.map(np.testing.assert_array_equal, state["params"]["policy"], frozen["reference"])
 
 
 def test_frozen_models_in_bfloat16(stages):

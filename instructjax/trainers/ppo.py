@@ -248,26 +248,45 @@ class Models:
   reward: common.ModelHandle | None  # None for the gold reward
 
 
-def _cast(params, dtype, shardings):
-  return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(dtype), p), out_shardings=shardings,
-                 donate_argnums=0)(params)
+@dataclasses.dataclass
+class Sources:
+  """What a fresh run's train state starts from, read from disk once by `load_models`: the SFT
+  policy and, when the value starts from it, the reward model with its normalisation."""
+  policy: Any
+  reward: Any | None = None
+  gain: float = 1.0
+  bias: float = 0.0
 
 
-def load_models(config, layout, model_cfg) -> tuple[Models, dict[str, Any]]:
+def _frozen_copy(params, dtype, shardings, keep_source: bool):
+  """`params` in `dtype` for a frozen model. A copy when the source still seeds the train state
+  (which the update donates, so no buffer may be shared); else cast in place."""
+  cast = lambda p: jax.tree.map(lambda x: jnp.copy(x).astype(dtype), p)
+  return jax.jit(cast, out_shardings=shardings,
+                 donate_argnums=() if keep_source else 0)(params)
+
+
+def load_models(config, layout, model_cfg, fresh: bool
+                ) -> tuple[Models, dict[str, Any], Sources | None]:
   """The models' layouts, and the frozen ones score_phase reads: the SFT reference and the reward
-  model with its normalisation, stored in `frozen_dtype`. Both are read from disk here, so no
-  buffer is shared with the train state (which the update donates). With the gold reward there
-  is no reward model, and its normalisation is set after the first rollout
+  model with its normalisation, stored in `frozen_dtype`. Each checkpoint is read once: on a
+  `fresh` run the parameters read also seed the train state (returned as `Sources`), on a resumed
+  one the state comes from the workdir's checkpoint and they are only frozen. With the gold
+  reward there is no reward model, and its normalisation is set after the first rollout
   (`gold_normalisation`)."""
   dtype = FROZEN_DTYPES[config.frozen_dtype]
-  policy, reference = workdirs.restore_model(config.init_from, LanguageModel, model_cfg, layout)
-  frozen = dict(reference=_cast(reference, dtype, policy.param_shardings))
-  reward, reward_cfg = None, None
+  policy, sft_params = workdirs.restore_model(config.init_from, LanguageModel, model_cfg, layout)
+  sources = Sources(policy=sft_params) if fresh else None
+  frozen = dict(reference=_frozen_copy(sft_params, dtype, policy.param_shardings, fresh))
+  reward, reward_cfg, value_from_reward = None, None, False
   if config.reward_source == "model" or config.ppo.value_init == "reward":
     graphdef, params, reward_cfg, gain, bias = load_reward_model(config.reward_from, layout)
+    value_from_reward = fresh and config.ppo.value_init == "reward"
+    if value_from_reward:
+      sources.reward, sources.gain, sources.bias = params, gain, bias
   if config.reward_source == "model":
     reward = common.ModelHandle(graphdef, reward_cfg, jax.tree.map(lambda x: x.sharding, params))
-    frozen["reward"] = _cast(params, dtype, reward.param_shardings)
+    frozen["reward"] = _frozen_copy(params, dtype, reward.param_shardings, value_from_reward)
     frozen.update(_gain_and_bias(gain, bias, layout.mesh))
   else:  # The gold reward's normalisation: a placeholder until the first rollout fits it.
     frozen.update(_gain_and_bias(1.0, 0.0, layout.mesh))
@@ -277,7 +296,7 @@ def load_models(config, layout, model_cfg) -> tuple[Models, dict[str, Any]]:
       lambda rngs: ScalarModel(value_cfg, rngs=rngs))
   value_specs = parallel.param_specs(value_abstract, layout.rules, layout.mesh)
   value = common.ModelHandle(value_graphdef, value_cfg, parallel.named(layout.mesh, value_specs))
-  return Models(policy, value, reward), frozen
+  return Models(policy, value, reward), frozen, sources
 
 
 def _gain_and_bias(gain, bias, mesh) -> dict[str, jax.Array]:
@@ -316,7 +335,7 @@ def fold_normalisation(scalar_params, gain, bias):
               head_b=scalar_params["head_b"] * gain + bias)
 
 
-def initial_value_params(config, layout, models: Models):
+def initial_value_params(config, models: Models, sources: Sources):
   """The value model at the start: the reward model ("reward"), or the SFT backbone under a
   zero head ("zero": every value is 0, so the first advantages are the rewards-to-go).
 
@@ -327,17 +346,16 @@ def initial_value_params(config, layout, models: Models):
   """
   if config.ppo.value_init == "reward":
     # The reward model of reward_from, even when PPO's reward is the gold scorer.
-    _, params, _, gain, bias = load_reward_model(config.reward_from, layout)
     if not config.ppo.normalise_reward:
-      return params
-    return jax.jit(fold_normalisation, donate_argnums=0)(params, jnp.float32(gain),
-                                                       jnp.float32(bias))
-  _, sft_params = workdirs.restore_model(config.init_from, LanguageModel, models.policy.cfg,
-                                        layout)
+      return sources.reward
+    return jax.jit(fold_normalisation, donate_argnums=0)(
+        sources.reward, jnp.float32(sources.gain), jnp.float32(sources.bias))
   abstract = _abstract_params(models.value, ScalarModel)
   zeros = lambda name: jax.device_put(jnp.zeros(abstract[name].shape, abstract[name].dtype),
                                       abstract[name].sharding)
-  return {"backbone": sft_params["backbone"], "head_w": zeros("head_w"), "head_b": zeros("head_b")}
+  # A copy: the policy's backbone buffers go into the state too, and each is donated once.
+  backbone = jax.jit(lambda t: jax.tree.map(jnp.copy, t))(sources.policy["backbone"])
+  return {"backbone": backbone, "head_w": zeros("head_w"), "head_b": zeros("head_b")}
 
 
 def state_shardings(models: Models, optimizers, layout, cfg: ppo.PPOConfig, seed: int):
@@ -460,13 +478,11 @@ def evaluate(config, task, state, models: Models, tokenizer, layout, ptx_eval, e
 # ----------------------------------------------------------------------------- the loop
 
 
-def _create_state(config, layout, models, optimizers, cfg, shardings):
+def _create_state(config, models, sources: Sources, optimizers, cfg, shardings):
   """A fresh state: the SFT policy and the initial value model, with new optimizer states."""
-  _, policy = workdirs.restore_model(config.init_from, LanguageModel, models.policy.cfg,
-                                        layout)
-  value = initial_value_params(config, layout, models)
+  value = initial_value_params(config, models, sources)
   init = lambda p, v: ppo.init_state(p, v, optimizers, cfg, config.seed)
-  state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(policy, value)
+  state = jax.jit(init, out_shardings=shardings, donate_argnums=(0, 1))(sources.policy, value)
   reward = (config.reward_from if config.reward_source == "model"
             else "the synthetic task's gold scorer")
   value = (config.reward_from if config.ppo.value_init == "reward"
@@ -588,17 +604,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data = datasets(config, workdir, tokenizer, task, cfg)
 
   with layout.scope():
-    models, frozen = load_models(config, layout, model_cfg)
+    ckpt = loop.checkpointer(config, workdir)
+    models, frozen, sources = load_models(config, layout, model_cfg,
+                                          fresh=ckpt.latest_step() is None)
     abstract, shardings = state_shardings(models, optimizers, layout, cfg, config.seed)
     phases = jit_phases(config, layout, models, frozen, shardings, optimizers, cfg, tokenizer)
     eval_step = jax.jit(functools.partial(sft.eval_step, graphdef=models.policy.graphdef),
                         in_shardings=(models.policy.param_shardings,
                                       parallel.batch_sharding(layout.mesh)),
                         out_shardings=parallel.replicated(layout.mesh))
-    ckpt = loop.checkpointer(config, workdir)
     state, _ = loop.restore_or_init(
         config.stage, ckpt, abstract,
-        lambda: _create_state(config, layout, models, optimizers, cfg, shardings), data.streams)
+        lambda: _create_state(config, models, sources, optimizers, cfg, shardings), data.streams)
+    sources = None  # the state holds what it needs: free the rest before the first step
     common.save_json(f"{workdir}/config.json", config.to_dict())
     steps_done = int(state["step"])
     if steps_done % minibatches:
