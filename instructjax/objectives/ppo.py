@@ -614,7 +614,7 @@ def _optimizer_step(state: State, minibatch: Rollout, ptx: Rollout | None, *, po
     updates, new_opt_state[name] = optimizers[name].update(grads[name], state["opt_state"][name],
                                                            params)
     new_params[name] = optax.apply_updates(params, updates)
-  norms = {name: optax.global_norm(g) for name, g in grads.items()}
+  norms = {name: optax.tree.norm(g) for name, g in grads.items()}
   metrics = dict(metrics, policy_grad_norm=norms["policy"], value_grad_norm=norms["value"])
   state = apply_if_finite(state, new_params, new_opt_state, metrics["loss"],
                           norms["policy"] + norms["value"])

@@ -38,8 +38,9 @@ from flax import nnx
 
 from instructjax.errors import InputError
 from instructjax.models.decoder import last_token
-from instructjax.objectives.sft import (  # noqa: F401  (re-exported for the trainer)
-    apply_if_finite, init_state, learning_rate_schedule, make_optimizer)
+from instructjax.objectives.sft import apply_gradients
+from instructjax.objectives.sft import (  # noqa: F401  (re-exported for the benchmark and tests)
+    init_state, learning_rate_schedule, make_optimizer)
 
 Batch = Mapping[str, jax.Array]
 State = dict[str, Any]
@@ -158,15 +159,13 @@ def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef,
   dropout_rng = jax.random.fold_in(state["rng"], state["step"]) if use_dropout else None
   grad_fn = jax.value_and_grad(reward_loss, has_aux=True)
   (loss, (aux, _)), grads = grad_fn(state["params"], graphdef, batch, dropout_rng)
-  updates, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-  new_params = optax.apply_updates(state["params"], updates)
-  grad_norm = optax.tree.norm(grads)
+  new_state, grad_norm = apply_gradients(state, grads, loss, optimizer)
   reward_mean, reward_std = _mean_std(aux["reward_sum"], aux["reward_sq_sum"], aux["responses"])
   metrics = dict(loss=loss, accuracy=aux["correct"] / jnp.maximum(aux["pairs"], 1.0),
                  grad_norm=grad_norm, learning_rate=schedule(state["step"]),
                  reward_mean=reward_mean, reward_std=reward_std, pairs=aux["pairs"],
                  prompts=aux["prompts"])
-  return apply_if_finite(state, new_params, new_opt_state, loss, grad_norm), metrics
+  return new_state, metrics
 
 
 def eval_step(params, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:

@@ -96,6 +96,16 @@ def apply_if_finite(state: State, new_params, new_opt_state, loss, grad_norm) ->
               bad_steps=state["bad_steps"] + (~finite).astype(jnp.int32))
 
 
+def apply_gradients(state: State, grads, loss, optimizer: optax.GradientTransformation
+                    ) -> tuple[State, jax.Array]:
+  """One optimizer update from `grads`, kept only when loss and gradient are finite; returns the
+  new state and the gradient's global norm (every stage logs it as `grad_norm`)."""
+  updates, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  new_params = optax.apply_updates(state["params"], updates)
+  grad_norm = optax.tree.norm(grads)
+  return apply_if_finite(state, new_params, new_opt_state, loss, grad_norm), grad_norm
+
+
 def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                use_dropout: bool = False) -> tuple[State, dict[str, jax.Array]]:
@@ -103,12 +113,10 @@ def train_step(state: State, batch: Batch, *, graphdef: nnx.GraphDef,
   dropout_rng = jax.random.fold_in(state["rng"], state["step"]) if use_dropout else None
   grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
   (loss, (_, count)), grads = grad_fn(state["params"], graphdef, batch, dropout_rng)
-  updates, new_opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-  new_params = optax.apply_updates(state["params"], updates)
-  grad_norm = optax.global_norm(grads)
+  new_state, grad_norm = apply_gradients(state, grads, loss, optimizer)
   metrics = dict(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state["step"]),
                  target_tokens=count)
-  return apply_if_finite(state, new_params, new_opt_state, loss, grad_norm), metrics
+  return new_state, metrics
 
 
 def eval_step(params, batch: Batch, *, graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
