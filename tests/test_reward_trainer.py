@@ -10,7 +10,7 @@ import pytest
 
 import tiny
 from instructjax import checkpoint, parallel
-from instructjax.data import pipeline, ranking_batches, rankings
+from instructjax.data import ranking_batches, rankings
 from instructjax.data.builders import rankings as rankings_builder
 from instructjax.data.tokenizers import make_tokenizer
 from instructjax.errors import InputError
@@ -204,11 +204,11 @@ def test_kway_and_pairwise_modes_train_on_the_same_pairs(tmp_path):
   tok = make_tokenizer("byte")
   kw = dict(seq_len=32, max_prompt_len=24, max_k=4, batch_size=1, seed=3, repeat=False)
   kway, pairwise = collections.Counter(), collections.Counter()
-  for batch in pipeline.ranking_dataset(source, tok, mode="kway", **kw):
+  for batch in ranking_batches.ranking_dataset(source, tok, mode="kway", **kw):
     assert batch["tokens"].shape == (1, 4, 32)
     kway.update(ranking_batches.tokenized_pair_multiset(batch))
   prompts_in_order = []
-  for batch in pipeline.ranking_dataset(source, tok, mode="pairwise", **kw):
+  for batch in ranking_batches.ranking_dataset(source, tok, mode="pairwise", **kw):
     assert batch["tokens"].shape == (1, 2, 32) and batch["valid"].all()
     pairwise.update(ranking_batches.tokenized_pair_multiset(batch))
     prompts_in_order.append(tok.decode(batch["tokens"][0, 0][:20]))
@@ -224,7 +224,7 @@ def test_ranking_iterator_resumes_at_the_next_batch(tmp_path):
   source = variable_k_rankings(9)
   tok = make_tokenizer("byte")
   for mode in ("kway", "pairwise"):
-    ds = pipeline.ranking_dataset(source, tok, seq_len=32, max_prompt_len=24, max_k=4,
+    ds = ranking_batches.ranking_dataset(source, tok, seq_len=32, max_prompt_len=24, max_k=4,
                                   batch_size=2, seed=0, mode=mode)
     it = iter(ds)
     for _ in range(3):
@@ -244,7 +244,7 @@ def test_eval_pass_uses_every_ranking_once_over_processes():
   tok = make_tokenizer("byte")
   seen, batches = [], []
   for index in range(2):
-    ds = pipeline.ranking_eval_dataset(source, tok, seq_len=32, max_prompt_len=24, max_k=4,
+    ds = ranking_batches.ranking_eval_dataset(source, tok, seq_len=32, max_prompt_len=24, max_k=4,
                                        batch_size=3, process_index=index, process_count=2)
     out = list(ds)
     batches.append(len(out))
@@ -260,11 +260,11 @@ def test_eval_pass_uses_every_ranking_once_over_processes():
 
 def test_gold_ranks_are_dense_and_best_first():
   record = {"responses": ["a", "b", "c", "d"], "gold_scores": [0.2, 0.9, 0.2, 0.0]}
-  out = pipeline.gold_ranks(record, max_k=5)
+  out = ranking_batches.gold_ranks(record, max_k=5)
   np.testing.assert_array_equal(out["gold_ranks"], [1, 0, 1, 2, 0])
   np.testing.assert_array_equal(out["gold_valid"], [True] * 4 + [False])
   with pytest.raises(InputError, match="gold_scores"):
-    pipeline.gold_ranks({"responses": ["a", "b"], "gold_scores": [1.0], "source": "x:1"}, 2)
+    ranking_batches.gold_ranks({"responses": ["a", "b"], "gold_scores": [1.0], "source": "x:1"}, 2)
 
 
 # ----------------------------------------------------------------------------- collection

@@ -2,7 +2,7 @@
 resumable.
 
 Every language-model pipeline yields dicts of numpy arrays, the per-process slice of the global
-batch (the reward model's ranking batches are described in the rankings section below):
+batch (the reward model's ranking batches are in `instructjax.data.ranking_batches`):
 
   tokens     int32   [B, T]  token ids, right-padded with `tokenizer.pad_id`
   mask       int32   [B, T]  1 = real token, 0 = padding
@@ -37,7 +37,6 @@ Iterators are checkpointable: `it.get_state()` is a JSON-able dict and
 `PipelineStats` counters are local to the process and are not part of that state.
 """
 import dataclasses
-import json
 import logging
 import math
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequence
@@ -88,7 +87,7 @@ class PipelineStats:
 # ----------------------------------------------------------------------------- records
 
 
-class _WithSource:
+class WithSource:
   """A random-access source whose records all carry `source` ("record N" if absent)."""
 
   def __init__(self, source: Sequence[dict]):
@@ -106,9 +105,9 @@ class _WithSource:
     return record
 
 
-def _string(record: dict, field: str) -> str:
+def text_field(record: dict, field: str) -> str:
   """The field as str; data sources built by TFDS hold UTF-8 bytes."""
-  where = _where(record)
+  where = record_where(record)
   if field not in record:
     raise InputError(where, f"missing field {field!r}")
   value = record[field]
@@ -122,7 +121,7 @@ def _string(record: dict, field: str) -> str:
   return value
 
 
-def _where(record: dict) -> str:
+def record_where(record: dict) -> str:
   source = record["source"]
   return source.decode("utf-8") if isinstance(source, bytes) else str(source)
 
@@ -182,9 +181,9 @@ def _sft_record_to_example(tokenizer: TokenizerLike, *, seq_len: int, max_prompt
                            too_long: str) -> Callable[[dict], SftExample]:
   def to_example(record: dict) -> SftExample:
     return sft_example(
-        tokenizer.encode(_string(record, "prompt")),
-        tokenizer.encode(_string(record, "completion")),
-        source=_where(record), seq_len=seq_len, max_prompt_len=max_prompt_len,
+        tokenizer.encode(text_field(record, "prompt")),
+        tokenizer.encode(text_field(record, "completion")),
+        source=record_where(record), seq_len=seq_len, max_prompt_len=max_prompt_len,
         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, too_long=too_long)
   return to_example
 
@@ -231,7 +230,7 @@ class _Accountant:
 def document_ids(tokenizer: TokenizerLike) -> Callable[[dict], np.ndarray]:
   """Record -> int32 ids of its text followed by EOS."""
   def to_ids(record: dict) -> np.ndarray:
-    return np.asarray([*tokenizer.encode(_string(record, "text")), tokenizer.eos_id], np.int32)
+    return np.asarray([*tokenizer.encode(text_field(record, "text")), tokenizer.eos_id], np.int32)
   return to_ids
 
 
@@ -336,7 +335,7 @@ def pack_documents(docs: Iterable[np.ndarray], seq_len: int, pad_id: int) -> Ite
 # ----------------------------------------------------------------------------- checks
 
 
-def _check_shapes(*, seq_len: int, batch_size: int, process_index: int, process_count: int):
+def check_batch_shapes(*, seq_len: int, batch_size: int, process_index: int, process_count: int):
   if seq_len < 2:
     raise InputError("seq_len", f"must be at least 2, got {seq_len}")
   if batch_size < 1:
@@ -358,11 +357,11 @@ def _check_seed(seed: int):
     raise InputError("seed", f"must be in [0, 2**32), got {seed}")
 
 
-def _process_records(source: Sequence[dict], *, seed: int, shuffle: bool, repeat: bool,
+def process_records(source: Sequence[dict], *, seed: int, shuffle: bool, repeat: bool,
                      process_index: int, process_count: int) -> grain.MapDataset:
   """This process's records: global shuffle, then every process_count-th, then epochs."""
   _check_seed(seed)
-  ds = grain.MapDataset.source(_WithSource(source))
+  ds = grain.MapDataset.source(WithSource(source))
   if shuffle:
     ds = ds.shuffle(seed)
   ds = ds[process_index::process_count]
@@ -393,11 +392,11 @@ def sft_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len: in
     read_options: grain's threads and prefetch buffer for reading and tokenising
       (grain's default when None).
   """
-  _check_shapes(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
+  check_batch_shapes(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                 process_count=process_count)
   _check_sft(seq_len=seq_len, max_prompt_len=max_prompt_len, too_long=too_long)
   stats = stats if stats is not None else PipelineStats()
-  records = _process_records(source, seed=seed, shuffle=shuffle, repeat=repeat,
+  records = process_records(source, seed=seed, shuffle=shuffle, repeat=repeat,
                              process_index=process_index, process_count=process_count)
   epoch_size = len(range(process_index, len(source), process_count))
   accountant = _Accountant(stats, too_long, epoch_size=epoch_size, seq_len=seq_len,
@@ -424,17 +423,17 @@ def pretrain_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_le
     read_options: grain's threads and prefetch buffer (in documents) for reading and
       tokenising.
   """
-  _check_shapes(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
+  check_batch_shapes(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                 process_count=process_count)
   stats = stats if stats is not None else PipelineStats()
-  records = _process_records(source, seed=seed, shuffle=shuffle, repeat=repeat,
+  records = process_records(source, seed=seed, shuffle=shuffle, repeat=repeat,
                              process_index=process_index, process_count=process_count)
   docs = records.map(document_ids(tokenizer)).to_iter_dataset(read_options)
   return (PackIterDataset(docs, seq_len=seq_len, pad_id=tokenizer.pad_id, stats=stats)
           .batch(batch_size, drop_remainder=True))
 
 
-def _num_eval_batches(num_items: int, process_count: int, batch_size: int) -> int:
+def num_eval_batches(num_items: int, process_count: int, batch_size: int) -> int:
   """Batches every process yields: enough for the largest process's share."""
   return math.ceil(math.ceil(num_items / process_count) / batch_size)
 
@@ -442,8 +441,8 @@ def _num_eval_batches(num_items: int, process_count: int, batch_size: int) -> in
 def _sft_eval(source, tokenizer, *, seq_len, max_prompt_len, batch_size, process_index,
               process_count, too_long, stats) -> grain.IterDataset:
   _check_sft(seq_len=seq_len, max_prompt_len=max_prompt_len, too_long=too_long)
-  records = grain.MapDataset.source(_WithSource(source))[process_index::process_count]
-  padded_len = _num_eval_batches(len(source), process_count, batch_size) * batch_size
+  records = grain.MapDataset.source(WithSource(source))[process_index::process_count]
+  padded_len = num_eval_batches(len(source), process_count, batch_size) * batch_size
   to_example = _sft_record_to_example(tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
                                       too_long=too_long)
   padding = SftExample(empty_row(seq_len, tokenizer.pad_id), "padding")
@@ -467,7 +466,7 @@ def _pretrain_eval(source, tokenizer, *, seq_len, batch_size, process_index, pro
   # Packs the whole source in order on every process (so rows are the same everywhere)
   # and keeps every process_count-th row; only this process's rows stay in memory.
   to_ids = document_ids(tokenizer)
-  records = _WithSource(source)
+  records = WithSource(source)
 
   def docs():
     for i in range(len(records)):
@@ -478,7 +477,7 @@ def _pretrain_eval(source, tokenizer, *, seq_len, batch_size, process_index, pro
   for num_rows, row in enumerate(pack_documents(docs(), seq_len, tokenizer.pad_id), start=1):
     if (num_rows - 1) % process_count == process_index:
       rows.append(row)
-  padded_len = _num_eval_batches(num_rows, process_count, batch_size) * batch_size
+  padded_len = num_eval_batches(num_rows, process_count, batch_size) * batch_size
   rows += [empty_row(seq_len, tokenizer.pad_id)] * (padded_len - len(rows))
   return grain.MapDataset.source(rows).batch(batch_size).to_iter_dataset()
 
@@ -498,7 +497,7 @@ def eval_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, kind: str,
   Args:
     kind: "sft" (needs max_prompt_len) or "pretrain".
   """
-  _check_shapes(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
+  check_batch_shapes(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                 process_count=process_count)
   stats = stats if stats is not None else PipelineStats()
   if kind == "sft":
@@ -511,153 +510,6 @@ def eval_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, kind: str,
     return _pretrain_eval(source, tokenizer, seq_len=seq_len, batch_size=batch_size,
                           process_index=process_index, process_count=process_count, stats=stats)
   raise InputError("kind", f"must be 'sft' or 'pretrain', got {kind!r}")
-
-
-# ----------------------------------------------------------------------------- rankings
-#
-# The reward model's batches (layout in `instructjax.data.ranking_batches`): one ranking
-# per element, tokens/mask [B, K, T], ranks/valid [B, K]. "kway" keeps a prompt's K
-# responses (all its pairs) in one element; "pairwise" (InstructGPT's ablation) makes every
-# comparison its own K = 2 element, shuffled across prompts, with the same multiset of pairs.
-
-RANKING_MODES = ("kway", "pairwise")
-GOLD_FIELDS = ("gold_ranks", "gold_valid")
-
-
-def _json_field(record: dict, field: str, where: str):
-  """A list field that a TFDS build stores as JSON text (or a plain list)."""
-  value = record.get(field)
-  if isinstance(value, (bytes, str)):
-    try:
-      return json.loads(value.decode("utf-8") if isinstance(value, bytes) else value)
-    except (UnicodeDecodeError, ValueError) as e:
-      raise InputError(where, f"field {field!r} is not valid JSON ({e})") from None
-  return value
-
-
-def ranking_record(element: dict) -> dict:
-  """A ranking record from a source element: a built one (JSON text fields, `extra`) or a
-  plain dict. Not validated here; `ranking_batches.tokenize_ranking` validates."""
-  where = _where(element) if "source" in element else "record"
-  record = dict(_json_field(element, "extra", where) or {}) if "extra" in element else {}
-  record.update({k: v for k, v in element.items() if k not in ("extra", "source")})
-  if isinstance(record.get("prompt"), bytes):
-    record["prompt"] = _string(element, "prompt")
-  for field in ("responses", "ranks"):
-    record[field] = _json_field(element, field, where)
-  record["source"] = where
-  return record
-
-
-def gold_ranks(record: dict, max_k: int) -> dict[str, np.ndarray]:
-  """Dense ranks of the record's `gold_scores` (higher score = rank 0), padded to max_k.
-
-  `gold_valid` is all False when the record carries no gold scores (real labeler data).
-  """
-  out = {"gold_ranks": np.zeros([max_k], np.int32), "gold_valid": np.zeros([max_k], bool)}
-  scores = record.get("gold_scores")
-  if scores is None:
-    return out
-  k = len(record["responses"])
-  if not isinstance(scores, list) or len(scores) != k or not all(
-      isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
-    raise InputError(record.get("source", "record"), f"'gold_scores' must be {k} numbers, one "
-                     f"per response, got {scores!r}")
-  distinct = np.unique(-np.asarray(scores, np.float64))
-  out["gold_ranks"][:k] = np.searchsorted(distinct, -np.asarray(scores, np.float64))
-  out["gold_valid"][:k] = True
-  return out
-
-
-def _check_ranking_mode(mode: str) -> None:
-  if mode not in RANKING_MODES:
-    raise InputError("mode", f"must be one of {RANKING_MODES}, got {mode!r}")
-
-
-def _ranking_to_example(tokenizer: TokenizerLike, *, seq_len: int, max_prompt_len: int,
-                        max_k: int, with_gold: bool = False) -> Callable[[dict], dict]:
-  from instructjax.data import ranking_batches
-
-  def to_example(element: dict) -> dict[str, np.ndarray]:
-    record = ranking_record(element)
-    example = ranking_batches.tokenize_ranking(record, tokenizer, seq_len=seq_len,
-                                               max_prompt_len=max_prompt_len, max_k=max_k,
-                                               where=record["source"])
-    if with_gold:
-      example.update(gold_ranks(record, max_k))
-    return example
-  return to_example
-
-
-def pairwise_source(source: Sequence[dict], *, max_k: int, seed: int) -> list[dict]:
-  """Every comparison of every ranking as its own K = 2 record, shuffled across prompts.
-
-  Reads the whole source (comparison data is small next to its tokens). A ranking of more
-  than `max_k` responses is refused here too, so both modes accept the same files.
-  """
-  from instructjax.data import ranking_batches, rankings
-  records = []
-  for i in range(len(source)):
-    record = ranking_record(_WithSource(source)[i])
-    records.append(rankings.validate_ranking(record, record["source"], max_k=max_k))
-  return ranking_batches.pairwise_records(records, seed)
-
-
-def ranking_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len: int,
-                    max_prompt_len: int, max_k: int, batch_size: int, seed: int,
-                    mode: str = "kway", shuffle: bool = True, repeat: bool = True,
-                    process_index: int = 0, process_count: int = 1,
-                    read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
-  """Training batches of rankings for this process: tokens/mask [B, K, T], ranks/valid [B, K].
-
-  Args:
-    source: random-access ranking records, e.g. `builders.rankings.build(...)["train"]`
-      (JSON text fields) or a list of {"prompt", "responses", "ranks"} dicts.
-    max_k: K of every element in "kway" mode; a ranking of more responses is an InputError
-      naming its source. "pairwise" elements have K = 2.
-    mode: "kway" (one element per ranking) or "pairwise" (one per comparison; the pairs
-      are exploded and shuffled with `seed` once, then reshuffled every epoch like any
-      source).
-  Multi-host slicing, epochs and checkpointable iterators are those of `sft_dataset`.
-  """
-  _check_shapes(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
-                process_count=process_count)
-  _check_ranking_mode(mode)
-  if mode == "pairwise":
-    source, max_k = pairwise_source(source, max_k=max_k, seed=seed), 2
-  records = _process_records(source, seed=seed, shuffle=shuffle, repeat=repeat,
-                             process_index=process_index, process_count=process_count)
-  to_example = _ranking_to_example(tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
-                                   max_k=max_k)
-  return (records.map(to_example).to_iter_dataset(read_options)
-          .batch(batch_size, drop_remainder=True))
-
-
-def ranking_eval_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len: int,
-                         max_prompt_len: int, max_k: int, batch_size: int,
-                         process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-  """One ordered K-way pass over `source`, padded with empty rankings (no pair, no metric).
-
-  Every process yields the same number of batches and every record is used exactly once
-  (records `[process_index::process_count]`). Besides the training fields, batches carry
-  `gold_ranks` [B, K] and `gold_valid` [B, K] from the records' `gold_scores` (all False
-  when absent), for the accuracy against the gold ordering.
-  """
-  from instructjax.data import ranking_batches
-  _check_shapes(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
-                process_count=process_count)
-  records = grain.MapDataset.source(_WithSource(source))[process_index::process_count]
-  padded_len = _num_eval_batches(len(source), process_count, batch_size) * batch_size
-  to_example = _ranking_to_example(tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
-                                   max_k=max_k, with_gold=True)
-  padding = {**ranking_batches.empty_ranking(seq_len=seq_len, max_k=max_k,
-                                             pad_id=tokenizer.pad_id),
-             "gold_ranks": np.zeros([max_k], np.int32), "gold_valid": np.zeros([max_k], bool)}
-
-  def example_at(i: int) -> dict[str, np.ndarray]:
-    return to_example(records[i]) if i < len(records) else padding
-
-  return grain.MapDataset.range(padded_len).map(example_at).batch(batch_size).to_iter_dataset()
 
 
 # ----------------------------------------------------------------------------- PPO prompts
@@ -700,12 +552,12 @@ def prompt_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, prompt_l
   Shuffling, epochs (reshuffled each), multi-host slicing and checkpointable iterators are
   those of `sft_dataset`.
   """
-  _check_shapes(seq_len=max(prompt_len, 2), batch_size=batch_size, process_index=process_index,
+  check_batch_shapes(seq_len=max(prompt_len, 2), batch_size=batch_size, process_index=process_index,
                 process_count=process_count)
   if prompt_len < 1:
     raise InputError("prompt_len", f"must be at least 1, got {prompt_len}")
   stats = stats if stats is not None else PipelineStats()
-  indexed = grain.MapDataset.range(len(source)).map(lambda i: (i, _WithSource(source)[i]))
+  indexed = grain.MapDataset.range(len(source)).map(lambda i: (i, WithSource(source)[i]))
   if shuffle:
     _check_seed(seed)
     indexed = indexed.shuffle(seed)
@@ -718,9 +570,9 @@ def prompt_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, prompt_l
 
   def to_example(item) -> _PromptExample:
     index, record = item
-    ids = tokenizer.encode(_string(record, "prompt"))
+    ids = tokenizer.encode(text_field(record, "prompt"))
     if not ids:
-      raise InputError(_where(record), "prompt has no tokens")
+      raise InputError(record_where(record), "prompt has no tokens")
     row = left_padded_prompt(ids, prompt_len, tokenizer.pad_id)
     row["index"] = np.int32(index)
     return _PromptExample(row, len(ids) > prompt_len)

@@ -1,4 +1,5 @@
-"""Tokenised batches of K-way rankings for the reward model, and the pairwise ablation.
+"""Tokenised batches of K-way rankings for the reward model, the pairwise ablation, and the grain
+datasets that serve them.
 
 One ranking record (`instructjax.data.rankings`) becomes ONE batch element holding all its
 responses, so the reward model scores the K responses of a prompt in one forward pass and
@@ -21,10 +22,13 @@ multiset of (prompt, winner, loser) comparisons of the K-way mode (checked on th
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterable, Protocol, Sequence
+import json
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
+import grain
 import numpy as np
 
+from instructjax.data import pipeline
 from instructjax.data.rankings import pairs, validate_ranking
 from instructjax.errors import InputError
 
@@ -169,3 +173,147 @@ def tokenized_pair_multiset(batch: dict[str, np.ndarray]) -> collections.Counter
     rows = [tuple(int(t) for t in tokens[i][mask[i] > 0]) for i in real]
     counter.update((rows[w], rows[l]) for w, l in pairs(ranks[real].tolist()))
   return counter
+
+
+# ----------------------------------------------------------------------------- datasets
+#
+# The reward model's grain datasets (layout above): one ranking
+# per element, tokens/mask [B, K, T], ranks/valid [B, K]. "kway" keeps a prompt's K
+# responses (all its pairs) in one element; "pairwise" (InstructGPT's ablation) makes every
+# comparison its own K = 2 element, shuffled across prompts, with the same multiset of pairs.
+
+RANKING_MODES = ("kway", "pairwise")
+GOLD_FIELDS = ("gold_ranks", "gold_valid")
+
+
+def _json_field(record: dict, field: str, where: str):
+  """A list field that a TFDS build stores as JSON text (or a plain list)."""
+  value = record.get(field)
+  if isinstance(value, (bytes, str)):
+    try:
+      return json.loads(value.decode("utf-8") if isinstance(value, bytes) else value)
+    except (UnicodeDecodeError, ValueError) as e:
+      raise InputError(where, f"field {field!r} is not valid JSON ({e})") from None
+  return value
+
+
+def ranking_record(element: dict) -> dict:
+  """A ranking record from a source element: a built one (JSON text fields, `extra`) or a
+  plain dict. Not validated here; `tokenize_ranking` validates."""
+  where = pipeline.record_where(element) if "source" in element else "record"
+  record = dict(_json_field(element, "extra", where) or {}) if "extra" in element else {}
+  record.update({k: v for k, v in element.items() if k not in ("extra", "source")})
+  if isinstance(record.get("prompt"), bytes):
+    record["prompt"] = pipeline.text_field(element, "prompt")
+  for field in ("responses", "ranks"):
+    record[field] = _json_field(element, field, where)
+  record["source"] = where
+  return record
+
+
+def gold_ranks(record: dict, max_k: int) -> dict[str, np.ndarray]:
+  """Dense ranks of the record's `gold_scores` (higher score = rank 0), padded to max_k.
+
+  `gold_valid` is all False when the record carries no gold scores (real labeler data).
+  """
+  out = {"gold_ranks": np.zeros([max_k], np.int32), "gold_valid": np.zeros([max_k], bool)}
+  scores = record.get("gold_scores")
+  if scores is None:
+    return out
+  k = len(record["responses"])
+  if not isinstance(scores, list) or len(scores) != k or not all(
+      isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+    raise InputError(record.get("source", "record"), f"'gold_scores' must be {k} numbers, one "
+                     f"per response, got {scores!r}")
+  distinct = np.unique(-np.asarray(scores, np.float64))
+  out["gold_ranks"][:k] = np.searchsorted(distinct, -np.asarray(scores, np.float64))
+  out["gold_valid"][:k] = True
+  return out
+
+
+def _check_ranking_mode(mode: str) -> None:
+  if mode not in RANKING_MODES:
+    raise InputError("mode", f"must be one of {RANKING_MODES}, got {mode!r}")
+
+
+def _ranking_to_example(tokenizer: TokenizerLike, *, seq_len: int, max_prompt_len: int,
+                        max_k: int, with_gold: bool = False) -> Callable[[dict], dict]:
+
+  def to_example(element: dict) -> dict[str, np.ndarray]:
+    record = ranking_record(element)
+    example = tokenize_ranking(record, tokenizer, seq_len=seq_len,
+                                               max_prompt_len=max_prompt_len, max_k=max_k,
+                                               where=record["source"])
+    if with_gold:
+      example.update(gold_ranks(record, max_k))
+    return example
+  return to_example
+
+
+def pairwise_source(source: Sequence[dict], *, max_k: int, seed: int) -> list[dict]:
+  """Every comparison of every ranking as its own K = 2 record, shuffled across prompts.
+
+  Reads the whole source (comparison data is small next to its tokens). A ranking of more
+  than `max_k` responses is refused here too, so both modes accept the same files.
+  """
+  records = []
+  for i in range(len(source)):
+    record = ranking_record(pipeline.WithSource(source)[i])
+    records.append(validate_ranking(record, record["source"], max_k=max_k))
+  return pairwise_records(records, seed)
+
+
+def ranking_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len: int,
+                    max_prompt_len: int, max_k: int, batch_size: int, seed: int,
+                    mode: str = "kway", shuffle: bool = True, repeat: bool = True,
+                    process_index: int = 0, process_count: int = 1,
+                    read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+  """Training batches of rankings for this process: tokens/mask [B, K, T], ranks/valid [B, K].
+
+  Args:
+    source: random-access ranking records, e.g. `builders.rankings.build(...)["train"]`
+      (JSON text fields) or a list of {"prompt", "responses", "ranks"} dicts.
+    max_k: K of every element in "kway" mode; a ranking of more responses is an InputError
+      naming its source. "pairwise" elements have K = 2.
+    mode: "kway" (one element per ranking) or "pairwise" (one per comparison; the pairs
+      are exploded and shuffled with `seed` once, then reshuffled every epoch like any
+      source).
+  Multi-host slicing, epochs and checkpointable iterators are those of `sft_dataset`.
+  """
+  pipeline.check_batch_shapes(seq_len=seq_len, batch_size=batch_size,
+                              process_index=process_index, process_count=process_count)
+  _check_ranking_mode(mode)
+  if mode == "pairwise":
+    source, max_k = pairwise_source(source, max_k=max_k, seed=seed), 2
+  records = pipeline.process_records(source, seed=seed, shuffle=shuffle, repeat=repeat,
+                             process_index=process_index, process_count=process_count)
+  to_example = _ranking_to_example(tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
+                                   max_k=max_k)
+  return (records.map(to_example).to_iter_dataset(read_options)
+          .batch(batch_size, drop_remainder=True))
+
+
+def ranking_eval_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len: int,
+                         max_prompt_len: int, max_k: int, batch_size: int,
+                         process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  """One ordered K-way pass over `source`, padded with empty rankings (no pair, no metric).
+
+  Every process yields the same number of batches and every record is used exactly once
+  (records `[process_index::process_count]`). Besides the training fields, batches carry
+  `gold_ranks` [B, K] and `gold_valid` [B, K] from the records' `gold_scores` (all False
+  when absent), for the accuracy against the gold ordering.
+  """
+  pipeline.check_batch_shapes(seq_len=seq_len, batch_size=batch_size,
+                              process_index=process_index, process_count=process_count)
+  records = grain.MapDataset.source(pipeline.WithSource(source))[process_index::process_count]
+  padded_len = pipeline.num_eval_batches(len(source), process_count, batch_size) * batch_size
+  to_example = _ranking_to_example(tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
+                                   max_k=max_k, with_gold=True)
+  padding = {**empty_ranking(seq_len=seq_len, max_k=max_k,
+                                             pad_id=tokenizer.pad_id),
+             "gold_ranks": np.zeros([max_k], np.int32), "gold_valid": np.zeros([max_k], bool)}
+
+  def example_at(i: int) -> dict[str, np.ndarray]:
+    return to_example(records[i]) if i < len(records) else padding
+
+  return grain.MapDataset.range(padded_len).map(example_at).batch(batch_size).to_iter_dataset()

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from instructjax import parallel
+from instructjax.data.pipeline import left_padded_prompt
 from instructjax.data.tokenizers import Tokenizer
 from instructjax.sampling import Sampler
 
@@ -28,15 +29,11 @@ class Completion:
 
 
 def left_pad(prompts_ids: Sequence[Sequence[int]], prompt_len: int, pad_id: int):
-  """[B, prompt_len] tokens and mask; a longer prompt keeps its last `prompt_len` tokens."""
-  tokens = np.full((len(prompts_ids), prompt_len), pad_id, np.int32)
-  mask = np.zeros((len(prompts_ids), prompt_len), np.int32)
-  for row, ids in enumerate(prompts_ids):
-    ids = list(ids)[-prompt_len:]
-    if ids:
-      tokens[row, prompt_len - len(ids):] = ids
-      mask[row, prompt_len - len(ids):] = 1
-  return tokens, mask
+  """[B, prompt_len] tokens and mask: PPO's prompt rows (`pipeline.left_padded_prompt`) stacked."""
+  rows = [left_padded_prompt(ids, prompt_len, pad_id) for ids in prompts_ids]
+  if not rows:
+    return np.zeros((0, prompt_len), np.int32), np.zeros((0, prompt_len), np.int32)
+  return np.stack([r["tokens"] for r in rows]), np.stack([r["mask"] for r in rows])
 
 
 def encode_prompts(tokenizer: Tokenizer, prompts: Sequence[str], prompt_len: int):

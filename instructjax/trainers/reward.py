@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from instructjax import parallel
-from instructjax.data import pipeline, rankings
+from instructjax.data import ranking_batches, rankings
 from instructjax.data.records import iter_jsonl
 from instructjax.data.builders import rankings as rankings_builder
 from instructjax.data.synthetic import SyntheticTask
@@ -101,8 +101,8 @@ def ranking_sources(config, workdir: str, paths: dict[str, list[str]], on_bad: s
 
 def check_data_config(config) -> None:
   d = config.data
-  if d.mode not in pipeline.RANKING_MODES:
-    raise InputError("config.data.mode", f"{d.mode!r} is not one of {pipeline.RANKING_MODES}")
+  if d.mode not in ranking_batches.RANKING_MODES:
+    raise InputError("config.data.mode", f"{d.mode!r} is not one of {ranking_batches.RANKING_MODES}")
   if d.source not in ("synthetic", "files"):
     raise InputError("config.data.source", f"{d.source!r} is not 'synthetic' or 'files'")
   rankings.check_on_bad(d.on_bad)
@@ -111,7 +111,7 @@ def check_data_config(config) -> None:
 
 def mean_pairs(source) -> float:
   """Average comparisons per training element (for the pairs/s throughput)."""
-  total = sum(len(rankings.pairs(pipeline.ranking_record(source[i])["ranks"]))
+  total = sum(len(rankings.pairs(ranking_batches.ranking_record(source[i])["ranks"]))
               for i in range(len(source)))
   return total / max(len(source), 1)
 
@@ -120,7 +120,7 @@ def gold_gaps(source) -> np.ndarray:
   """|gold(w) - gold(l)| of every labeler pair of records that carry gold scores."""
   gaps = []
   for i in range(len(source)):
-    record = pipeline.ranking_record(source[i])
+    record = ranking_batches.ranking_record(source[i])
     gold = record.get("gold_scores")
     if gold is not None:
       gaps += [abs(gold[w] - gold[l]) for w, l in rankings.pairs(record["ranks"])]
@@ -156,10 +156,10 @@ def datasets(config, workdir: str, layout: common.Layout, tokenizer, model_cfg,
   kwargs = dict(seq_len=d.seq_len, max_prompt_len=d.max_prompt_len, max_k=d.max_k,
                 batch_size=local_batch, process_index=jax.process_index(),
                 process_count=jax.process_count())
-  train_ds = pipeline.ranking_dataset(sources["train"], tokenizer, seed=config.seed, mode=d.mode,
+  train_ds = ranking_batches.ranking_dataset(sources["train"], tokenizer, seed=config.seed, mode=d.mode,
                                       **kwargs)
   # Evaluation is K-way in both modes, so the ablation's two arms are measured alike.
-  eval_data_fn = lambda: iter(pipeline.ranking_eval_dataset(sources["validation"], tokenizer,
+  eval_data_fn = lambda: iter(ranking_batches.ranking_eval_dataset(sources["validation"], tokenizer,
                                                             **kwargs))
   return RankingData(
       train_ds=train_ds, eval_data_fn=eval_data_fn, train_source=sources["train"], task=task,
@@ -282,7 +282,7 @@ def reference_samples(config, layout, tokenizer, model_cfg, task, train_source):
       prompts = task.prompts(n, "ppo")
       where = f"{n} prompts of the synthetic 'ppo' split"
     else:
-      seen = dict.fromkeys(pipeline.ranking_record(train_source[i])["prompt"]
+      seen = dict.fromkeys(ranking_batches.ranking_record(train_source[i])["prompt"]
                            for i in range(len(train_source)))
       prompts = list(seen)[:n]
       where = f"{len(prompts)} prompts of the training rankings"
@@ -292,7 +292,7 @@ def reference_samples(config, layout, tokenizer, model_cfg, task, train_source):
     return prompts, respond(prompts), f"SFT policy samples for {where}"
   prompts, responses = [], []
   for i in range(len(train_source)):
-    record = pipeline.ranking_record(train_source[i])
+    record = ranking_batches.ranking_record(train_source[i])
     for response in record["responses"]:
       if len(prompts) < n:
         prompts.append(record["prompt"])

@@ -16,7 +16,7 @@ import json
 import os
 from typing import Any, Iterator, Mapping
 
-from instructjax.data import pipeline, rankings
+from instructjax.data import ranking_batches, rankings
 from instructjax.data.builders import base
 from instructjax.data.records import iter_jsonl
 
@@ -48,7 +48,7 @@ def encode(record: Mapping[str, Any], where: str) -> dict[str, str]:
 
 def decode(element: Mapping[str, Any]) -> dict[str, Any]:
   """A built element back as {prompt, responses, ranks, source, **extra} (not re-validated)."""
-  return pipeline.ranking_record(dict(element))
+  return ranking_batches.ranking_record(dict(element))
 
 
 class Rankings(base.RecordsBuilder, skip_registration=True):
