@@ -1,7 +1,7 @@
 """Record formats for the pretraining and SFT stages, read with validation.
 
-Two formats, both UTF-8 and optionally gzip-compressed (detected from the content, not
-the file name):
+Two formats, both UTF-8 (a leading byte-order mark is accepted and dropped) and optionally
+gzip-compressed (detected from the content, not the file name):
 
   demonstrations: JSON Lines, one object per line, {"prompt": str, "completion": str};
     extra keys are ignored. The prompt may be empty; the completion may not be empty or
@@ -15,6 +15,7 @@ else that is wrong raises `InputError("path:LINE", "what is wrong")`; nothing is
 silently. Every record read carries `source`, the "path:line" it came from, so that
 later stages (tokenisation, truncation) can name the record they complain about.
 """
+import codecs
 import filecmp
 import gzip
 import io
@@ -28,6 +29,18 @@ from instructjax.errors import InputError
 _GZIP_MAGIC = b"\x1f\x8b"
 DEMONSTRATION_FIELDS = ("prompt", "completion")
 TEXT_FIELD = "text"
+
+
+def _without_bom(data: bytes, path: pathlib.Path) -> bytes:
+  """The file's first bytes without a UTF-8 byte-order mark, which Windows editors (Notepad,
+  Excel's "CSV UTF-8") write and which is no part of the text. What decoding with "utf-8-sig"
+  does, done on the bytes so that a later decoding error's byte offset still gives its line."""
+  if data.startswith(codecs.BOM_UTF8):
+    return data[len(codecs.BOM_UTF8):]
+  if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+    raise InputError(f"{path}:1", "the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                     "save it as UTF-8")
+  return data
 
 
 def _is_gzip(path: pathlib.Path) -> bool:
@@ -56,7 +69,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
   """Yields (where, value) for each non-blank line of a JSONL file, gzipped or not.
 
   `where` is "path:line" with 1-based lines. Malformed JSON, bytes that are not UTF-8
-  and a corrupt gzip stream raise InputError naming the file and line.
+  and a corrupt gzip stream raise InputError naming the file and line. A byte-order mark
+  before the first line is dropped.
   """
   path = _require_file(path)
   line_no = 0
@@ -64,6 +78,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
     with _open_binary(path) as f:
       for line_no, raw in enumerate(f, start=1):
         where = f"{path}:{line_no}"
+        if line_no == 1:
+          raw = _without_bom(raw, path)
         try:
           line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -145,6 +161,7 @@ def _read_whole_text(path: pathlib.Path) -> str:
       data = f.read()
   except (OSError, EOFError) as e:
     raise InputError(str(path), f"cannot read the file: {e}") from None
+  data = _without_bom(data, path)
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:

@@ -55,6 +55,12 @@ class Rankings(base.RecordsBuilder, skip_registration=True):
   """K-way rankings {prompt, responses, ranks} read from JSONL, validated."""
   FIELDS = FIELDS
 
+  def no_records_problem(self) -> str:
+    if getattr(self.builder_config, "on_bad", "error") == "skip":
+      return ("has no valid rankings: the file is empty, or every line is blank or an invalid "
+              "ranking skipped by on_bad=skip")
+    return super().no_records_problem()
+
   def read_records(self, path: str) -> Iterator[dict[str, str]]:
     on_bad = getattr(self.builder_config, "on_bad", "error")
     for where, value in iter_jsonl(path):
