@@ -85,10 +85,12 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -97,7 +99,9 @@ from instructjax import metrics, parallel, sampling
 from instructjax.models.config import ModelConfig
 from instructjax.models.decoder import LanguageModel, ScalarModel
 from instructjax.objectives import ppo, reward, sft
-from instructjax.trainers import common
+from experiments.configs import base as config_base
+from instructjax.trainers import common, workdirs
+from instructjax.trainers import ppo as ppo_trainer
 
 STAGES = ("sft", "reward", "sampling", "ppo")
 HUGETLB = host.HUGETLB
@@ -624,72 +628,87 @@ def run_sampling(args: argparse.Namespace) -> dict[str, Any]:
 # ppo
 # ---------------------------------------------------------------------------------------------
 
+def ppo_layout(args: argparse.Namespace) -> common.Layout:
+  """The trainer's layout on --devices devices, all on the data axis."""
+  n = max(args.devices, 1)
+  if jax.device_count() < n:
+    raise SystemExit(f"--devices {n}: only {jax.device_count()} devices here")
+  mesh = parallel.make_mesh({"data": n, "fsdp": 1, "tensor": 1}, jax.devices()[:n])
+  return common.Layout(mesh, parallel.DEFAULT_RULES)
+
+
 def run_ppo(args: argparse.Namespace) -> dict[str, Any]:
+  """One PPO-ptx iteration through the trainer's own jitted phases (`trainers.ppo.jit_phases`),
+  at random parameters: responses run the full --ppo_new_tokens (no token is EOS)."""
   B, P, N = args.ppo_rollouts, args.ppo_prompt_len, args.ppo_new_tokens
   T = P + N
-  cfg = model_config(args, max(T, args.ptx_seq or T))
-  policy_graphdef, policy = split(LanguageModel(cfg, rngs=nnx.Rngs(0)))
-  reference = jax.tree.map(lambda x: x.copy(), policy)
-  value_graphdef, value = split(ScalarModel(cfg, rngs=nnx.Rngs(1)))
-  reward_graphdef, reward_params = split(ScalarModel(cfg, rngs=nnx.Rngs(2)))
+  ptx_seq = args.ptx_seq or T
+  cfg = model_config(args, max(T, ptx_seq))
+  layout = ppo_layout(args)
   ppo_cfg = ppo.PPOConfig(ppo_epochs=args.ppo_epochs, num_minibatches=args.ppo_minibatches,
                           ptx_coef=args.ptx_coef)
-  frozen = dict(reference=reference, reward=reward_params, reward_gain=jnp.float32(1.0),
-                reward_bias=jnp.float32(0.0))
   schedule = sft.learning_rate_schedule(1e-5, 0, 1000, decay="constant")
   optimizers = {"policy": sft.make_optimizer(schedule), "value": sft.make_optimizer(schedule)}
-  state0 = ppo.init_state(policy, value, optimizers, ppo_cfg, seed=0)
-
-  rng = np.random.default_rng(0)
-  prompts = random_tokens(rng, (B, P), args.vocab)
-  prompt_mask = jnp.ones_like(prompts)
+  config = ml_collections.ConfigDict(dict(sampling=config_base.sampling_config(P, N)))
+  never_ends = types.SimpleNamespace(eos_id=-1, pad_id=0)
   steps = args.ppo_epochs * args.ppo_minibatches
-  ptx = None
-  ptx_seq = args.ptx_seq or T
-  if args.ptx_coef:
-    # As many pretraining rows per optimiser step as rollout rows, of the rollout's length.
-    ptx_tokens = random_tokens(rng, (steps, B // args.ppo_minibatches, ptx_seq), args.vocab)
-    ptx = dict(tokens=ptx_tokens, mask=jnp.ones_like(ptx_tokens),
-               loss_mask=jnp.ones_like(ptx_tokens))
 
-  mesh = data_mesh(args)
-  (state0, frozen), (prompts, prompt_mask) = place(mesh, (state0, frozen), (prompts, prompt_mask))
-  if mesh is not None and ptx is not None:  # [steps, rows, seq]: the rows are split
-    ptx = jax.device_put(ptx, parallel.batch_sharding(mesh, 3, leading=1))
-  sampler = sampling.Sampler(policy_graphdef, sampling.SamplingConfig(N), eos_id=-1, pad_id=0,
-                             mesh=mesh)
-  score = jax.jit(functools.partial(ppo.score_phase, policy_graphdef=policy_graphdef,
-                                    value_graphdef=value_graphdef,
-                                    reward_graphdef=reward_graphdef, cfg=ppo_cfg, eos_id=None))
-  advantage = jax.jit(functools.partial(ppo.advantage_phase, cfg=ppo_cfg))
-  update = jax.jit(functools.partial(ppo.ppo_update, policy_graphdef=policy_graphdef,
-                                     value_graphdef=value_graphdef, optimizers=optimizers,
-                                     cfg=ppo_cfg), donate_argnums=0)
+  with layout.scope():
+    handles, params = {}, {}
+    for name, model_cls, seed in (("policy", LanguageModel, 0), ("value", ScalarModel, 1),
+                                  ("reward", ScalarModel, 2)):
+      model_fn = lambda rngs, cls=model_cls: cls(cfg, rngs=rngs)
+      handles[name] = workdirs.handle(model_fn, cfg, layout)
+      params[name] = jax.device_put(split(model_fn(nnx.Rngs(seed)))[1],
+                                    handles[name].param_shardings)
+    models = ppo_trainer.Models(**handles)
+    whole = parallel.replicated(layout.mesh)
+    frozen = dict(reference=jax.tree.map(jnp.copy, params["policy"]), reward=params["reward"],
+                  reward_gain=jax.device_put(jnp.float32(1.0), whole),
+                  reward_bias=jax.device_put(jnp.float32(0.0), whole))
+    _, shardings = ppo_trainer.state_shardings(models, optimizers, layout, ppo_cfg, seed=0)
+    init = lambda p, v: ppo.init_state(p, v, optimizers, ppo_cfg, seed=0)
+    state0 = jax.jit(init, out_shardings=shardings)(params["policy"], params["value"])
+    phases = ppo_trainer.jit_phases(config, layout, models, frozen, shardings, optimizers,
+                                    ppo_cfg, never_ends)
 
-  # Compile every phase once, on the first rollout.
-  start = time.perf_counter()
-  out = jax.block_until_ready(sampler(state0["params"]["policy"], prompts, prompt_mask,
-                                      jax.random.PRNGKey(0)))
-  rollout_compile_s = time.perf_counter() - start
-  rollout = as_rollout(prompts, prompt_mask, out)
-  score_c, score_compile_s = compile_timed(score, state0["params"], frozen, rollout)
-  scored = score_c(state0["params"], frozen, rollout)
-  advantage_c, advantage_compile_s = compile_timed(advantage, scored, state0["kl_coef"])
-  ready, _ = advantage_c(scored, state0["kl_coef"])
-  update_c, update_compile_s = compile_timed(update, state0, ready, ptx)
+    rng = np.random.default_rng(0)
+    rows = parallel.batch_sharding(layout.mesh, 2)
+    prompts = jax.device_put(random_tokens(rng, (B, P), args.vocab), rows)
+    prompt_mask = jax.device_put(jnp.ones((B, P), jnp.int32), rows)
+    ptx = None
+    if args.ptx_coef:
+      # As many pretraining rows per optimiser step as rollout rows, of the rollout's length.
+      ptx_tokens = random_tokens(rng, (steps, B // args.ppo_minibatches, ptx_seq), args.vocab)
+      ptx = jax.device_put(dict(tokens=ptx_tokens, mask=jnp.ones_like(ptx_tokens),
+                                loss_mask=jnp.ones_like(ptx_tokens)),
+                           ppo_trainer.ptx_sharding(layout.mesh))
+
+    # Compile every phase once, on the first rollout.
+    start = time.perf_counter()
+    sample = jax.block_until_ready(phases.rollout(state0["params"]["policy"], prompts,
+                                                  prompt_mask, jax.random.PRNGKey(0)))
+    rollout_compile_s = time.perf_counter() - start
+    score_c, score_compile_s = compile_timed(phases.score, state0["params"], frozen, prompts,
+                                             prompt_mask, sample, None)
+    scored = score_c(state0["params"], frozen, prompts, prompt_mask, sample, None)
+    advantage_c, advantage_compile_s = compile_timed(phases.advantage, scored,
+                                                     state0["kl_coef"])
+    ready, _ = advantage_c(scored, state0["kl_coef"])
+    update_c, update_compile_s = compile_timed(phases.update, state0, ready, ptx)
 
   holder = {"state": state0}
   live = {}
 
   def do_rollout():
-    params = holder["state"]["params"]
-    sample = sampler(params["policy"], prompts, prompt_mask,
-                     jax.random.fold_in(jax.random.PRNGKey(0), holder["state"]["step"]))
-    live["rollout"] = as_rollout(prompts, prompt_mask, sample)
-    return live["rollout"]["tokens"]
+    policy = holder["state"]["params"]["policy"]
+    live["sample"] = phases.rollout(policy, prompts, prompt_mask, jax.random.fold_in(
+        jax.random.PRNGKey(0), holder["state"]["step"]))
+    return live["sample"].tokens
 
   def do_score():
-    scored = score_c(holder["state"]["params"], frozen, live["rollout"])
+    scored = score_c(holder["state"]["params"], frozen, prompts, prompt_mask, live["sample"],
+                     None)
     live["ready"], live["metrics"] = advantage_c(scored, holder["state"]["kl_coef"])
     return live["ready"]["advantages"]
 
@@ -731,13 +750,6 @@ def run_ppo(args: argparse.Namespace) -> dict[str, Any]:
                             ptx_rows_per_step=per_step_rows if ptx is not None else 0,
                             ptx_seq=ptx_seq if ptx is not None else 0)})
   return out
-
-
-def as_rollout(prompts, prompt_mask, sample: sampling.SampleOutput) -> dict[str, jax.Array]:
-  """The PPO objective's rollout layout, with the sampler's log-probs (`sample_logp`)."""
-  return dict(tokens=jnp.concatenate([prompts, sample.tokens], 1),
-              mask=jnp.concatenate([prompt_mask, sample.mask], 1), response_mask=sample.mask,
-              sample_logp=sample.log_probs)
 
 
 # ---------------------------------------------------------------------------------------------
