@@ -10,6 +10,7 @@ from ml_collections import config_dict
 from instructjax import parallel
 from instructjax.data.synthetic import TaskConfig
 from instructjax.models.config import ModelConfig
+from instructjax.sampling import SamplingConfig
 
 placeholder = config_dict.placeholder
 
@@ -135,12 +136,10 @@ def synthetic_config() -> config_dict.ConfigDict:
 
 
 def sampling_config(prompt_len: int, max_new_tokens: int = 24) -> config_dict.ConfigDict:
-  """How evaluation and data collection sample: prompts are left-padded/cut to prompt_len."""
-  s = config_dict.ConfigDict()
+  """How evaluation and data collection sample: every `SamplingConfig` field (the dataclass
+  holds the defaults), and how prompts are batched and left-padded/cut to prompt_len."""
+  s = section_from_dataclass(SamplingConfig, max_new_tokens=max_new_tokens)
+  del s["greedy"]  # chosen per use (the evaluation's greedy pass), not per config
   s.prompt_len = prompt_len
-  s.max_new_tokens = max_new_tokens
   s.batch_size = 64
-  s.temperature = 1.0
-  s.top_k = 0
-  s.top_p = 1.0
   return s
