@@ -23,7 +23,6 @@ streams it into the file, so its peak is one HF tensor (GPT-2's fused c_attn: th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -35,7 +34,6 @@ from typing import Any
 import jax
 import ml_dtypes  # Importing it registers bfloat16 with numpy: safetensors can then read BF16.
 import numpy as np
-import regex
 from flax import nnx
 
 from instructjax import parallel
@@ -733,175 +731,9 @@ def copy_tokenizer_files(source: str | os.PathLike, destination: str | os.PathLi
 # Tokenizers
 # ---------------------------------------------------------------------------------------------
 
-# The split `tokenizers`' ByteLevel pre-tokenizer applies when use_regex is true (GPT-2's).
-_BYTE_LEVEL_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
-                       r"""|\s+(?!\S)|\s+""")
-
-
-def _token_content(token: Any) -> str | None:
-  """tokenizer_config.json stores special tokens as a string or as {"content": ...}."""
-  if isinstance(token, Mapping):
-    return token.get("content")
-  return token if isinstance(token, str) else None
-
-
-class HFJsonTokenizer(tokenizers.Tokenizer):
-  """A byte-level BPE `tokenizer.json` (GPT-2 and Llama-3 style), without the `tokenizers` package.
-
-  Supported: model BPE (merges as "a b" strings or pairs, `ignore_merges`), no normalizer, and a
-  pre-tokenizer that is ByteLevel (GPT-2's split) or Sequence[Split(regex, Isolated), ByteLevel]
-  (Llama-3's). Anything else is refused with the component named. As for the other tokenizers,
-  `encode` adds no special tokens and treats special-token text as ordinary characters.
-
-  Special ids come from tokenizer_config.json (`eos_token`, `bos_token`, `pad_token`) or else
-  from config.json (`eos_token_id`, `bos_token_id`); pad falls back to eos.
-  """
-
-  def __init__(self, directory: str | os.PathLike):
-    directory = pathlib.Path(directory)
-    path = directory / "tokenizer.json"
-    self._path = path
-    spec = self._load_json(path, required=True)
-    model = spec.get("model") or {}
-    where = str(path)
-    if model.get("type") != "BPE":
-      raise InputError(f"{where}: model.type", f"{model.get('type')!r} is not supported (only BPE)")
-    for field in ("byte_fallback", "continuing_subword_prefix", "end_of_word_suffix", "dropout"):
-      if model.get(field):
-        raise InputError(f"{where}: model.{field}", f"{model[field]!r} is not supported")
-    if spec.get("normalizer") is not None:
-      raise InputError(f"{where}: normalizer", f"{spec['normalizer'].get('type')!r} is not "
-                       "supported (only byte-level BPE without normalization)")
-    self._split = regex.compile(self._split_pattern(spec.get("pre_tokenizer"), where))
-    self._encoder: dict[str, int] = dict(model.get("vocab") or {})
-    self._ranks = {}
-    for rank, merge in enumerate(model.get("merges") or []):
-      pair = tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge)
-      if len(pair) != 2:
-        raise InputError(f"{where}: model.merges[{rank}]", f"expected a pair, got {merge!r}")
-      self._ranks.setdefault(pair, rank)
-    self._ignore_merges = bool(model.get("ignore_merges", False))
-    self._byte_encoder = tokenizers.bytes_to_unicode()
-    self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
-    missing = [c for c in self._byte_encoder.values() if c not in self._encoder]
-    if missing:
-      raise InputError(where, f"model.vocab lacks {len(missing)} of the 256 byte tokens; is this "
-                       "a byte-level BPE?")
-    added = {}
-    for token in spec.get("added_tokens") or []:
-      if not token.get("special", False):
-        raise InputError(f"{where}: added_tokens", f"non-special added token "
-                         f"{token.get('content')!r} is not supported")
-      added[token["content"]] = token["id"]
-    self._decoder = {i: t for t, i in self._encoder.items()}
-    self._decoder.update({i: "" for i in added.values() if i not in self._decoder})
-    self.vocab_size = max(self._decoder) + 1
-    self._set_special_ids(directory, {**self._encoder, **added})
-    self._bpe_cached = functools.lru_cache(maxsize=1 << 16)(self._bpe)
-
-  @staticmethod
-  def _load_json(path: pathlib.Path, required: bool = False) -> dict:
-    if not path.is_file():
-      if required:
-        raise InputError(str(path), "not found")
-      return {}
-    try:
-      return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise InputError(str(path), f"is not valid JSON: {e}") from e
-
-  @staticmethod
-  def _split_pattern(pre: Any, where: str) -> str:
-    def byte_level(step, use_regex_expected):
-      if step.get("type") != "ByteLevel":
-        return False
-      if step.get("add_prefix_space", False):
-        raise InputError(f"{where}: pre_tokenizer", "ByteLevel add_prefix_space is not supported")
-      return step.get("use_regex", True) == use_regex_expected
-
-    if isinstance(pre, Mapping) and byte_level(pre, True):
-      return _BYTE_LEVEL_PATTERN
-    steps = (pre.get("pretokenizers") if isinstance(pre, Mapping) else None) or []
-    if (pre.get("type") == "Sequence" and len(steps) == 2 and steps[0].get("type") == "Split"
-        and "Regex" in (steps[0].get("pattern") or {}) and steps[0].get("behavior") == "Isolated"
-        and not steps[0].get("invert", False) and byte_level(steps[1], False)):
-      return steps[0]["pattern"]["Regex"]
-    raise InputError(f"{where}: pre_tokenizer", "only ByteLevel or Sequence[Split(regex, "
-                     f"Isolated), ByteLevel(use_regex=false)] are supported, got "
-                     f"{json.dumps(pre)[:200]}")
-
-  def _set_special_ids(self, directory: pathlib.Path, ids: Mapping[str, int]) -> None:
-    config = self._load_json(directory / "tokenizer_config.json")
-    model_config = self._load_json(directory / CONFIG_FILE)
-
-    def special(name: str) -> int | None:
-      content = _token_content(config.get(f"{name}_token"))
-      if content is not None:
-        if content not in ids:
-          raise InputError(str(directory / "tokenizer_config.json"),
-                           f"{name}_token {content!r} is not in the vocabulary")
-        return ids[content]
-      value = model_config.get(f"{name}_token_id")
-      value = value[0] if isinstance(value, list) and value else value
-      return value if isinstance(value, int) and 0 <= value < self.vocab_size else None
-
-    eos = special("eos")
-    if eos is None:
-      raise InputError(str(directory), "names no eos token (tokenizer_config.json eos_token or "
-                       "config.json eos_token_id); generation needs one")
-    self.eos_id, self.bos_id = eos, special("bos")
-    pad = special("pad")
-    self.pad_id = eos if pad is None else pad
-
-  def _bpe(self, word: str) -> tuple[str, ...]:
-    if self._ignore_merges and word in self._encoder:
-      return (word,)
-    parts = tuple(word)
-    while len(parts) > 1:
-      best = min(zip(parts, parts[1:]), key=lambda pair: self._ranks.get(pair, math.inf))
-      if best not in self._ranks:
-        break
-      merged, i = [], 0
-      while i < len(parts):
-        if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
-          merged.append(parts[i] + parts[i + 1])
-          i += 2
-        else:
-          merged.append(parts[i])
-          i += 1
-      parts = tuple(merged)
-    return parts
-
-  def _pieces(self, text: str) -> Iterator[str]:
-    """Split(Isolated): every match is a piece, and so is every gap between matches."""
-    start = 0
-    for match in self._split.finditer(text):
-      if match.start() > start:
-        yield text[start:match.start()]
-      if match.end() > match.start():
-        yield match.group()
-      start = match.end()
-    if start < len(text):
-      yield text[start:]
-
-  def encode(self, text: str) -> list[int]:
-    if not isinstance(text, str):
-      raise InputError("encode", f"expected text as str, got {type(text).__name__}")
-    ids = []
-    for piece in self._pieces(text):
-      word = "".join(self._byte_encoder[b] for b in piece.encode("utf-8"))
-      for token in self._bpe_cached(word):
-        if token not in self._encoder:
-          raise InputError(str(self._path), f"BPE produced {token!r}, which is not in the vocab")
-        ids.append(self._encoder[token])
-    return ids
-
-  def decode(self, ids: Sequence[int]) -> str:
-    text = "".join(self._decoder.get(i, "") for i in self._ordinary_ids(ids))
-    return tokenizers.byte_level_text(text, self._byte_decoder)
-
-  def __repr__(self) -> str:
-    return f"HFJsonTokenizer({str(self._path.parent)!r})"
+# tokenizer.json is read by `tokenizers.HFJsonTokenizer` (kind "hf_json"): the one byte-level BPE
+# implementation, shared with the "gpt2" kind.
+HFJsonTokenizer = tokenizers.HFJsonTokenizer
 
 
 def tokenizer_section(directory: str | os.PathLike) -> dict[str, str] | None:
@@ -920,13 +752,8 @@ def tokenizer_section(directory: str | os.PathLike) -> dict[str, str] | None:
   return None
 
 
-def make_tokenizer(kind: str, path: str | os.PathLike | None) -> tokenizers.Tokenizer:
-  """`tokenizers.make_tokenizer` plus the "hf_json" kind (a directory with tokenizer.json)."""
-  if kind == "hf_json":
-    if not path:
-      raise InputError("hf_json tokenizer", "needs the directory holding tokenizer.json")
-    return HFJsonTokenizer(path)
-  return tokenizers.make_tokenizer(kind, path)
+# Kept for callers of the old name (experiments/convert.py); every kind lives in `tokenizers`.
+make_tokenizer = tokenizers.make_tokenizer
 
 
 def hf_tokenizer(directory: str | os.PathLike) -> tokenizers.Tokenizer:

@@ -40,7 +40,7 @@ from instructjax import evaluation, parallel, report
 from instructjax.data import pipeline, records
 from instructjax.data.rankings import read_rankings
 from instructjax.data.synthetic import what_differs
-from instructjax.data.tokenizers import Tokenizer
+from instructjax.data.tokenizers import Tokenizer, difference
 from instructjax.errors import InputError
 from instructjax.metrics import read_metrics
 from instructjax.models.decoder import LanguageModel
@@ -101,9 +101,11 @@ def model_config_of(name: str, workdir: str, config, tokenizer: Tokenizer):
     return common.model_config(config, tokenizer)
   mine = config.tokenizer.to_dict()
   theirs = stored.get("tokenizer", ml_collections.ConfigDict(mine)).to_dict()
-  if theirs != mine:
+  # By content: the same tokenizer files in another directory are the same tokenizer.
+  why = difference(tokenizer, mine, theirs)
+  if why:
     raise InputError(f"config.models.{name}", f"{workdir} was trained with tokenizer {theirs}, "
-                     f"the evaluation uses {mine}; set --config.tokenizer to match")
+                     f"the evaluation uses {mine}: {why}; set --config.tokenizer to match")
   return common.model_config(stored, tokenizer)
 
 
