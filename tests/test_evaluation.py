@@ -14,6 +14,7 @@ from flax import nnx
 import tiny
 from experiments.configs import evaluate as evaluate_config
 from instructjax import checkpoint, evaluation, report
+from instructjax.data.formatting import Format
 from instructjax.errors import InputError
 from instructjax.metrics import MetricWriter
 from instructjax.models.decoder import LanguageModel, ScalarModel
@@ -315,10 +316,10 @@ def test_rm_scores_are_normalised_and_accuracy_is_read(full_run, workdirs):
   prompts = [e["prompt"] for e in results["examples"]]
   responses = [e["responses"]["sft"] for e in results["examples"]]
   raw = reward.score_texts(params, graphdef, tokenizer, prompts, responses, seq_len=48,
-                           max_prompt_len=40, batch_size=8, layout=layout)
+                           max_prompt_len=40, batch_size=8, layout=layout, fmt=Format())
   assert math.isfinite(results["models"]["sft"]["rm_score"]["mean"])
   # The examples are the first prompts; recompute their normalised scores by hand.
-  per_prompt = evaluate.RewardModel(graphdef, params, gain, bias, 48, 40).score(
+  per_prompt = evaluate.RewardModel(graphdef, params, gain, bias, 48, 40, Format()).score(
       prompts, responses, batch_size=8, layout=layout, tokenizer=tokenizer)
   np.testing.assert_allclose(per_prompt, 2.0 * raw - 1.0, rtol=1e-6)
   rm = results["reward_model"]

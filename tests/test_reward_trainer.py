@@ -10,7 +10,7 @@ import pytest
 
 import tiny
 from instructjax import checkpoint, parallel
-from instructjax.data import ranking_batches, rankings
+from instructjax.data import formatting, ranking_batches, rankings
 from instructjax.data.builders import rankings as rankings_builder
 from instructjax.data.tokenizers import make_tokenizer
 from instructjax.errors import InputError
@@ -123,7 +123,7 @@ def test_load_reward_model_returns_what_was_saved(synthetic_run):
   tok = make_tokenizer("byte")
   raw = reward.score_texts(params, graphdef, tok, task_prompts[:3], [" a", " b", " c"],
                            seq_len=config.data.seq_len, max_prompt_len=config.data.max_prompt_len,
-                           batch_size=8, layout=layout)
+                           batch_size=8, layout=layout, fmt=formatting.from_config(config))
   assert raw.shape == (3,) and np.isfinite(raw).all()
 
 

@@ -8,6 +8,7 @@ import dataclasses
 from ml_collections import config_dict
 
 from instructjax import parallel
+from instructjax.data.formatting import Format
 from instructjax.data.synthetic import TaskConfig
 from instructjax.models.config import ModelConfig
 from instructjax.sampling import SamplingConfig
@@ -86,6 +87,9 @@ def base_config(stage: str) -> config_dict.ConfigDict:
   c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = [list(rule) for rule in parallel.DEFAULT_RULES]
   c.tokenizer = config_dict.ConfigDict(dict(kind="byte", path=""))
+  # How a prompt and a response join into one text before tokenising (`formatting.Format`):
+  # `--config.format.separator=' '` for HH-RLHF / TL;DR prompts (prepare_data's format.json).
+  c.format = section_from_dataclass(Format)
   c.model = model_config()
   c.optimizer = optimizer_config()
   c.init_from = ""            # a checkpoint directory of the previous stage

@@ -8,8 +8,9 @@ batch (the reward model's ranking batches are in `instructjax.data.ranking_batch
   mask       int32   [B, T]  1 = real token, 0 = padding
   loss_mask  float32 [B, T]  1 where tokens[t] is a target to predict
 
-SFT rows are `prompt ids + completion ids + [eos]`; `loss_mask` is 1 on the completion
-and its EOS, 0 on the prompt and padding. Rows that do not fit follow `too_long`:
+SFT rows are `prompt ids + completion ids + [eos]`, the ids of the joined text `prompt +
+separator + completion` cut where the prompt's end (`formatting.encode_pair`); `loss_mask` is 1
+on the completion and its EOS, 0 on the prompt and padding. Rows that do not fit follow `too_long`:
 
   "truncate": the prompt keeps its LAST `max_prompt_len` tokens (the text nearest the
       completion), then the completion + EOS is cut to what remains of `seq_len` (so the
@@ -44,6 +45,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Protocol, Sequ
 import grain
 import numpy as np
 
+from instructjax.data.formatting import Format, encode_pair
 from instructjax.errors import InputError
 
 _log = logging.getLogger(__name__)
@@ -73,11 +75,14 @@ class PipelineStats:
     truncated: SFT records cut by the "truncate" policy.
     skipped: SFT records dropped by the "skip" policy (in evaluation: replaced by an
       all-zero-mask row).
+    boundary_cases: SFT records whose prompt and completion could not be cut on a token
+      boundary of their joined text (`formatting.encode_pair`); kept, encoded apart.
     last_skipped: source of the most recent skipped record.
   """
   examples: int = 0
   truncated: int = 0
   skipped: int = 0
+  boundary_cases: int = 0
   last_skipped: str | None = None
 
   def as_dict(self) -> dict[str, Any]:
@@ -135,6 +140,7 @@ class SftExample(NamedTuple):
   source: str
   problem: str | None = None
   truncated: bool = False
+  exact: bool = True  # the ids are those of the joined text (`formatting.Pair.exact`)
 
 
 def empty_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -178,13 +184,15 @@ def sft_example(prompt_ids: Sequence[int], completion_ids: Sequence[int], *, sou
 
 
 def _sft_record_to_example(tokenizer: TokenizerLike, *, seq_len: int, max_prompt_len: int,
-                           too_long: str) -> Callable[[dict], SftExample]:
+                           too_long: str, fmt: Format) -> Callable[[dict], SftExample]:
   def to_example(record: dict) -> SftExample:
-    return sft_example(
-        tokenizer.encode(text_field(record, "prompt")),
-        tokenizer.encode(text_field(record, "completion")),
-        source=record_where(record), seq_len=seq_len, max_prompt_len=max_prompt_len,
-        eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, too_long=too_long)
+    pair = encode_pair(tokenizer, fmt, text_field(record, "prompt"),
+                       text_field(record, "completion"))
+    example = sft_example(
+        pair.prompt_ids, pair.response_ids, source=record_where(record), seq_len=seq_len,
+        max_prompt_len=max_prompt_len, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+        too_long=too_long)
+    return example._replace(exact=pair.exact)
   return to_example
 
 
@@ -206,6 +214,7 @@ class _Accountant:
     if example.problem is None:
       self._stats.examples += 1
       self._stats.truncated += int(example.truncated)
+      self._stats.boundary_cases += int(not example.exact)
       self._skipped_in_a_row = 0
       return True
     if self._too_long == "error":
@@ -380,7 +389,8 @@ def sft_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len: in
                 max_prompt_len: int, batch_size: int, seed: int, shuffle: bool = True,
                 repeat: bool = True, process_index: int = 0, process_count: int = 1,
                 too_long: str = "truncate", stats: PipelineStats | None = None,
-                read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+                read_options: grain.ReadOptions | None = None,
+                fmt: Format = Format()) -> grain.IterDataset:
   """Batches of SFT rows for this process (see module doc for the row layout and policy).
 
   Args:
@@ -391,6 +401,7 @@ def sft_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len: in
     stats: filled in as batches are consumed (truncated/skipped counts).
     read_options: grain's threads and prefetch buffer for reading and tokenising
       (grain's default when None).
+    fmt: how prompt and completion join into one text (`formatting`).
   """
   check_batch_shapes(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                 process_count=process_count)
@@ -402,7 +413,8 @@ def sft_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len: in
   accountant = _Accountant(stats, too_long, epoch_size=epoch_size, seq_len=seq_len,
                            pad_id=tokenizer.pad_id, keep_skipped_as_padding=False)
   examples = records.map(_sft_record_to_example(tokenizer, seq_len=seq_len,
-                                                max_prompt_len=max_prompt_len, too_long=too_long))
+                                                max_prompt_len=max_prompt_len, too_long=too_long,
+                                                fmt=fmt))
   return (examples.to_iter_dataset(read_options)
           .filter(accountant.keep)
           .map(accountant.row)
@@ -439,12 +451,12 @@ def num_eval_batches(num_items: int, process_count: int, batch_size: int) -> int
 
 
 def _sft_eval(source, tokenizer, *, seq_len, max_prompt_len, batch_size, process_index,
-              process_count, too_long, stats) -> grain.IterDataset:
+              process_count, too_long, stats, fmt) -> grain.IterDataset:
   _check_sft(seq_len=seq_len, max_prompt_len=max_prompt_len, too_long=too_long)
   records = grain.MapDataset.source(WithSource(source))[process_index::process_count]
   padded_len = num_eval_batches(len(source), process_count, batch_size) * batch_size
   to_example = _sft_record_to_example(tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
-                                      too_long=too_long)
+                                      too_long=too_long, fmt=fmt)
   padding = SftExample(empty_row(seq_len, tokenizer.pad_id), "padding")
   accountant = _Accountant(stats, too_long, epoch_size=len(source), seq_len=seq_len,
                            pad_id=tokenizer.pad_id, keep_skipped_as_padding=True)
@@ -485,7 +497,8 @@ def _pretrain_eval(source, tokenizer, *, seq_len, batch_size, process_index, pro
 def eval_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, kind: str, seq_len: int,
                  batch_size: int, max_prompt_len: int | None = None, process_index: int = 0,
                  process_count: int = 1, too_long: str = "truncate",
-                 stats: PipelineStats | None = None) -> grain.IterDataset:
+                 stats: PipelineStats | None = None, fmt: Format = Format()
+                 ) -> grain.IterDataset:
   """One ordered pass over `source` in full batches, padded with all-zero-mask rows.
 
   Every process yields the same number of batches and, over all processes, every record
@@ -496,6 +509,7 @@ def eval_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, kind: str,
 
   Args:
     kind: "sft" (needs max_prompt_len) or "pretrain".
+    fmt: how an SFT record's prompt and completion join (`formatting`).
   """
   check_batch_shapes(seq_len=seq_len, batch_size=batch_size, process_index=process_index,
                 process_count=process_count)
@@ -505,7 +519,7 @@ def eval_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, kind: str,
       raise InputError("max_prompt_len", "is required for kind='sft'")
     return _sft_eval(source, tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
                      batch_size=batch_size, process_index=process_index,
-                     process_count=process_count, too_long=too_long, stats=stats)
+                     process_count=process_count, too_long=too_long, stats=stats, fmt=fmt)
   if kind == "pretrain":
     return _pretrain_eval(source, tokenizer, seq_len=seq_len, batch_size=batch_size,
                           process_index=process_index, process_count=process_count, stats=stats)

@@ -29,6 +29,7 @@ import grain
 import numpy as np
 
 from instructjax.data import pipeline
+from instructjax.data.formatting import Format, encode_pair
 from instructjax.data.rankings import pairs, validate_ranking
 from instructjax.errors import InputError
 
@@ -61,8 +62,26 @@ def empty_ranking(*, seq_len: int, max_k: int, pad_id: int) -> dict[str, np.ndar
           "valid": np.zeros([max_k], bool)}
 
 
+def scored_rows(tokenizer: TokenizerLike, fmt: Format, prompt: str, responses: Sequence[str], *,
+                seq_len: int, max_prompt_len: int, where: str = "record") -> list[list[int]]:
+  """The ids the reward model reads for each response: `prompt + separator + response` encoded
+  as one text (`formatting.encode_pair`), the prompt keeping its last `max_prompt_len` tokens,
+  then the response + EOS cut to what remains of `seq_len`. Training, evaluation and the reward
+  normalisation all score through this one rule."""
+  prompt_ids = tokenizer.encode(prompt)
+  kept = prompt_ids[max(len(prompt_ids) - max_prompt_len, 0):]
+  room = seq_len - len(kept)
+  if room < 1:
+    raise InputError(where, f"the prompt keeps {len(kept)} tokens (max_prompt_len="
+                     f"{max_prompt_len}), leaving no room for a response in seq_len={seq_len}; "
+                     "use max_prompt_len < seq_len")
+  return [kept + (encode_pair(tokenizer, fmt, prompt, response, prompt_ids=prompt_ids)
+                  .response_ids + [tokenizer.eos_id])[:room] for response in responses]
+
+
 def tokenize_ranking(record: Any, tokenizer: TokenizerLike, *, seq_len: int, max_prompt_len: int,
-                     max_k: int, where: str = "record") -> dict[str, np.ndarray]:
+                     max_k: int, where: str = "record", fmt: Format = Format()
+                     ) -> dict[str, np.ndarray]:
   """One ranking record as fixed-shape arrays (see the module docstring).
 
   Args:
@@ -72,6 +91,7 @@ def tokenize_ranking(record: Any, tokenizer: TokenizerLike, *, seq_len: int, max
     max_prompt_len: the prompt keeps at most its last this many tokens.
     max_k: rows per element; rankings of more responses are refused.
     where: names the record in errors, e.g. "rankings.jsonl:12".
+    fmt: how the prompt and each response join (`scored_rows`).
 
   Raises:
     InputError naming `where`: an invalid record, K > max_k, or a prompt that even
@@ -79,17 +99,10 @@ def tokenize_ranking(record: Any, tokenizer: TokenizerLike, *, seq_len: int, max
   """
   _check_shapes(seq_len, max_prompt_len, max_k)
   record = validate_ranking(record, where, max_k=max_k)
-  prompt_ids = tokenizer.encode(record["prompt"])
-  if len(prompt_ids) > max_prompt_len:
-    prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_len:]
-  room = seq_len - len(prompt_ids)
-  if room < 1:
-    raise InputError(where, f"the prompt keeps {len(prompt_ids)} tokens (max_prompt_len="
-                     f"{max_prompt_len}), leaving no room for a response in seq_len={seq_len}; "
-                     "use max_prompt_len < seq_len")
+  rows = scored_rows(tokenizer, fmt, record["prompt"], record["responses"], seq_len=seq_len,
+                     max_prompt_len=max_prompt_len, where=where)
   out = empty_ranking(seq_len=seq_len, max_k=max_k, pad_id=tokenizer.pad_id)
-  for i, response in enumerate(record["responses"]):
-    row = prompt_ids + (tokenizer.encode(response) + [tokenizer.eos_id])[:room]
+  for i, row in enumerate(rows):
     out["tokens"][i, :len(row)] = row
     out["mask"][i, :len(row)] = 1
   k = len(record["responses"])
@@ -237,13 +250,14 @@ def _check_ranking_mode(mode: str) -> None:
 
 
 def _ranking_to_example(tokenizer: TokenizerLike, *, seq_len: int, max_prompt_len: int,
-                        max_k: int, with_gold: bool = False) -> Callable[[dict], dict]:
+                        max_k: int, fmt: Format, with_gold: bool = False
+                        ) -> Callable[[dict], dict]:
 
   def to_example(element: dict) -> dict[str, np.ndarray]:
     record = ranking_record(element)
     example = tokenize_ranking(record, tokenizer, seq_len=seq_len,
-                                               max_prompt_len=max_prompt_len, max_k=max_k,
-                                               where=record["source"])
+                               max_prompt_len=max_prompt_len, max_k=max_k,
+                               where=record["source"], fmt=fmt)
     if with_gold:
       example.update(gold_ranks(record, max_k))
     return example
@@ -267,7 +281,8 @@ def ranking_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len
                     max_prompt_len: int, max_k: int, batch_size: int, seed: int,
                     mode: str = "kway", shuffle: bool = True, repeat: bool = True,
                     process_index: int = 0, process_count: int = 1,
-                    read_options: grain.ReadOptions | None = None) -> grain.IterDataset:
+                    read_options: grain.ReadOptions | None = None,
+                    fmt: Format = Format()) -> grain.IterDataset:
   """Training batches of rankings for this process: tokens/mask [B, K, T], ranks/valid [B, K].
 
   Args:
@@ -278,6 +293,7 @@ def ranking_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len
     mode: "kway" (one element per ranking) or "pairwise" (one per comparison; the pairs
       are exploded and shuffled with `seed` once, then reshuffled every epoch like any
       source).
+    fmt: how a prompt and each response join (`scored_rows`).
   Multi-host slicing, epochs and checkpointable iterators are those of `sft_dataset`.
   """
   pipeline.check_batch_shapes(seq_len=seq_len, batch_size=batch_size,
@@ -286,16 +302,17 @@ def ranking_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len
   if mode == "pairwise":
     source, max_k = pairwise_source(source, max_k=max_k, seed=seed), 2
   records = pipeline.process_records(source, seed=seed, shuffle=shuffle, repeat=repeat,
-                             process_index=process_index, process_count=process_count)
+                                     process_index=process_index, process_count=process_count)
   to_example = _ranking_to_example(tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
-                                   max_k=max_k)
+                                   max_k=max_k, fmt=fmt)
   return (records.map(to_example).to_iter_dataset(read_options)
           .batch(batch_size, drop_remainder=True))
 
 
 def ranking_eval_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, seq_len: int,
                          max_prompt_len: int, max_k: int, batch_size: int,
-                         process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                         process_index: int = 0, process_count: int = 1,
+                         fmt: Format = Format()) -> grain.IterDataset:
   """One ordered K-way pass over `source`, padded with empty rankings (no pair, no metric).
 
   Every process yields the same number of batches and every record is used exactly once
@@ -308,9 +325,8 @@ def ranking_eval_dataset(source: Sequence[dict], tokenizer: TokenizerLike, *, se
   records = grain.MapDataset.source(pipeline.WithSource(source))[process_index::process_count]
   padded_len = pipeline.num_eval_batches(len(source), process_count, batch_size) * batch_size
   to_example = _ranking_to_example(tokenizer, seq_len=seq_len, max_prompt_len=max_prompt_len,
-                                   max_k=max_k, with_gold=True)
-  padding = {**empty_ranking(seq_len=seq_len, max_k=max_k,
-                                             pad_id=tokenizer.pad_id),
+                                   max_k=max_k, fmt=fmt, with_gold=True)
+  padding = {**empty_ranking(seq_len=seq_len, max_k=max_k, pad_id=tokenizer.pad_id),
              "gold_ranks": np.zeros([max_k], np.int32), "gold_valid": np.zeros([max_k], bool)}
 
   def example_at(i: int) -> dict[str, np.ndarray]:

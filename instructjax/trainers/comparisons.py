@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from instructjax.data import rankings
+from instructjax.data import formatting, rankings
 from instructjax.data.synthetic import SyntheticTask
 from instructjax.data.tokenizers import Tokenizer
 from instructjax.errors import InputError
@@ -126,15 +126,17 @@ def make_rankings(task: SyntheticTask, prompts: Sequence[str], ks: Sequence[int]
 
 def policy_responder(config, layout: common.Layout, tokenizer: Tokenizer,
                      handle: common.ModelHandle, params, *, seed: int) -> Responder:
-  """Samples of the policy at `config.sampling` (temperature, top-k/p) for a list of prompts."""
-  s = config.sampling
+  """Samples of the policy at `config.sampling` (temperature, top-k/p) for a list of prompts,
+  as records store responses (`Format.response_text`: the separator the policy emitted first
+  is left to the join)."""
+  s, fmt = config.sampling, formatting.from_config(config)
   sampler = common.sampler(handle, common.sampling_config(s), tokenizer, layout)
 
   def respond(prompts: Sequence[str]) -> list[str]:
     completions = generate.complete(sampler, params, tokenizer, prompts, jax.random.PRNGKey(seed),
                                     prompt_len=s.prompt_len, batch_size=s.batch_size,
                                     mesh=layout.mesh)
-    return [c.text for c in completions]
+    return [fmt.response_text(c.text) for c in completions]
   return respond
 
 
@@ -155,7 +157,8 @@ def settings(config) -> dict:
   return dict(init_from=config.init_from, seed=config.seed, task=config.synthetic.to_dict(),
               num_train_prompts=d.num_train_prompts, num_eval_prompts=d.num_eval_prompts,
               min_k=d.min_k, max_k=d.max_k, temperature=s.temperature, top_k=s.top_k,
-              top_p=s.top_p, max_new_tokens=s.max_new_tokens, prompt_len=s.prompt_len)
+              top_p=s.top_p, max_new_tokens=s.max_new_tokens, prompt_len=s.prompt_len,
+              separator=formatting.from_config(config).separator)
 
 
 def paths(workdir: str) -> dict[str, str]:

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from instructjax import evaluation, parallel, report
-from instructjax.data import pipeline, records
+from instructjax.data import formatting, pipeline, records
 from instructjax.data.rankings import read_rankings
 from instructjax.data.synthetic import what_differs
 from instructjax.data.tokenizers import Tokenizer, difference
@@ -241,19 +241,21 @@ class RewardModel:
   bias: float
   seq_len: int
   max_prompt_len: int
+  fmt: formatting.Format  # how it was trained to read a prompt and a response
 
   def score(self, prompts, responses, *, batch_size: int, layout, tokenizer) -> np.ndarray:
     """Normalised rewards (gain * r + bias) of the responses to the (original) prompts."""
     raw = reward.score_texts(self.params, self.graphdef, tokenizer, prompts, responses,
                              seq_len=self.seq_len, max_prompt_len=self.max_prompt_len,
-                             batch_size=batch_size, layout=layout)
+                             batch_size=batch_size, layout=layout, fmt=self.fmt)
     return self.gain * raw + self.bias
 
 
 def load_reward(workdir: str, layout: common.Layout) -> RewardModel:
   graphdef, params, _, gain, bias = workdirs.load_reward_model(workdir, layout)
-  data = workdirs.read_config(workdir).data
-  return RewardModel(graphdef, params, gain, bias, data.seq_len, data.max_prompt_len)
+  trained = workdirs.read_config(workdir)
+  return RewardModel(graphdef, params, gain, bias, trained.data.seq_len,
+                     trained.data.max_prompt_len, formatting.from_config(trained))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -281,7 +283,7 @@ def evaluate_model(name: str, policy: Policy, sft_policy: Policy | None, prompts
   decoding, for_kl, reuse = _sampling_configs(config)
   kwargs = dict(prompt_len=prompt_len, batch_size=s.batch_size, compiled=compiled)
   completions = sample(policy, contexts, decoding, rng=jax.random.PRNGKey(config.seed), **kwargs)
-  texts = [c.text for c in completions]
+  texts = [formatting.from_config(config).response_text(c.text) for c in completions]
   out: dict[str, Any] = dict(
       gold=[task.score(p, t) for p, t in zip(prompts, texts)],
       ended=[c.ended for c in completions], lengths=[len(c.tokens) for c in completions],
@@ -351,12 +353,15 @@ def reward_model_summary(config, task) -> dict[str, Any] | None:
 
 
 def _sft_log_likelihoods(sft_policy: Policy, prompts: Sequence[str], responses: Sequence[str], *,
-                         max_prompt_len: int, batch_size: int, compiled: Compiled) -> np.ndarray:
+                         max_prompt_len: int, batch_size: int, compiled: Compiled,
+                         fmt: formatting.Format) -> np.ndarray:
   """log pi_SFT(response + EOS | prompt) of each whole response; prompts keep their last
-  `max_prompt_len` tokens, as the reward model reads them."""
+  `max_prompt_len` tokens and join their responses by `fmt`, as the reward model reads them."""
   eos = compiled.tokenizer.eos_id
-  completions = [generate.Completion(p, r, (*compiled.tokenizer.encode(r), eos), True, 0.0)
-                 for p, r in zip(prompts, responses)]
+  tokenizer = compiled.tokenizer
+  completions = [generate.Completion(
+      p, r, (*formatting.encode_pair(tokenizer, fmt, p, r).response_ids, eos), True, 0.0)
+      for p, r in zip(prompts, responses)]
   log_probs, mask = response_log_probs(sft_policy, prompts, completions,
                                        prompt_len=max_prompt_len,
                                        max_new_tokens=max(len(c.tokens) for c in completions),
@@ -418,7 +423,7 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
   if sft_policy is not None:
     likelihood = by_kind(rankings, _sft_log_likelihoods(
         sft_policy, prompts, responses, max_prompt_len=rm.max_prompt_len, batch_size=batch_size,
-        compiled=compiled or Compiled(layout, tokenizer)))
+        compiled=compiled or Compiled(layout, tokenizer), fmt=rm.fmt))
     for kind, row in out.items():
       row["sft_likelihood_gold_accuracy"] = likelihood[kind]["gold_accuracy"]
   train = _graded_rankings(reward_workdir, "train")[:train_rankings]

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from instructjax import parallel
-from instructjax.data import pipeline
+from instructjax.data import formatting, pipeline
 from instructjax.models.decoder import LanguageModel
 from instructjax.objectives import sft
 from instructjax.trainers import common, loop
@@ -38,7 +38,8 @@ def datasets(config, workdir, tokenizer, local_batch, stats):
   kwargs = dict(seq_len=config.data.seq_len, batch_size=local_batch,
                 process_index=jax.process_index(), process_count=jax.process_count())
   if config.data.format == "demonstrations":
-    kwargs.update(max_prompt_len=config.data.max_prompt_len, too_long=config.data.too_long)
+    kwargs.update(max_prompt_len=config.data.max_prompt_len, too_long=config.data.too_long,
+                  fmt=formatting.from_config(config))
     train_ds = pipeline.sft_dataset(sources["train"], tokenizer, seed=config.seed, stats=stats,
                                     **kwargs)
     kind = "sft"
@@ -98,7 +99,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         final_eval=final_eval,
         items_per_step=("tokens_per_second", config.batch_size * config.data.seq_len),
         host_metrics=lambda _: loop.summed_over_processes(
-            dict(truncated_records=stats.truncated, skipped_records=stats.skipped)))
+            dict(truncated_records=stats.truncated, skipped_records=stats.skipped,
+                 boundary_cases=stats.boundary_cases)))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

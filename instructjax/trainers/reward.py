@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from instructjax import parallel
-from instructjax.data import ranking_batches, rankings
+from instructjax.data import formatting, ranking_batches, rankings
 from instructjax.data.records import iter_jsonl
 from instructjax.data.builders import rankings as rankings_builder
 from instructjax.data.synthetic import SyntheticTask
@@ -155,12 +155,12 @@ def datasets(config, workdir: str, layout: common.Layout, tokenizer, model_cfg,
   sources = ranking_sources(config, workdir, paths, on_bad)
   kwargs = dict(seq_len=d.seq_len, max_prompt_len=d.max_prompt_len, max_k=d.max_k,
                 batch_size=local_batch, process_index=jax.process_index(),
-                process_count=jax.process_count())
-  train_ds = ranking_batches.ranking_dataset(sources["train"], tokenizer, seed=config.seed, mode=d.mode,
-                                      **kwargs)
+                process_count=jax.process_count(), fmt=formatting.from_config(config))
+  train_ds = ranking_batches.ranking_dataset(sources["train"], tokenizer, seed=config.seed,
+                                             mode=d.mode, **kwargs)
   # Evaluation is K-way in both modes, so the ablation's two arms are measured alike.
-  eval_data_fn = lambda: iter(ranking_batches.ranking_eval_dataset(sources["validation"], tokenizer,
-                                                            **kwargs))
+  eval_data_fn = lambda: iter(ranking_batches.ranking_eval_dataset(sources["validation"],
+                                                                   tokenizer, **kwargs))
   return RankingData(
       train_ds=train_ds, eval_data_fn=eval_data_fn, train_source=sources["train"], task=task,
       pairs_per_element=1.0 if d.mode == "pairwise" else mean_pairs(sources["train"]),
@@ -228,22 +228,26 @@ def labeler_ceiling(task: SyntheticTask | None, eval_source) -> dict[str, float]
 # ----------------------------------------------------------------------------- normalisation
 
 
-def response_rows(tokenizer, prompts: Sequence[str], responses: Sequence[str], *, seq_len: int,
-                  max_prompt_len: int) -> dict[str, np.ndarray]:
-  """tokens/mask [N, 1, T] of prompt + response + eos, cut as in training (`tokenize_ranking`)."""
+def response_rows(tokenizer, fmt: formatting.Format, prompts: Sequence[str],
+                  responses: Sequence[str], *, seq_len: int, max_prompt_len: int
+                  ) -> dict[str, np.ndarray]:
+  """tokens/mask [N, 1, T] of each (prompt, response) as training reads it
+  (`ranking_batches.scored_rows`)."""
   tokens = np.full([len(prompts), 1, seq_len], tokenizer.pad_id, np.int32)
   mask = np.zeros([len(prompts), 1, seq_len], np.int32)
   for i, (prompt, response) in enumerate(zip(prompts, responses)):
-    prompt_ids = tokenizer.encode(prompt)[-max_prompt_len:] if max_prompt_len else []
-    row = (prompt_ids + tokenizer.encode(response) + [tokenizer.eos_id])[:seq_len]
+    [row] = ranking_batches.scored_rows(tokenizer, fmt, prompt, [response], seq_len=seq_len,
+                                        max_prompt_len=max_prompt_len)
     tokens[i, 0, :len(row)] = row
     mask[i, 0, :len(row)] = 1
   return {"tokens": tokens, "mask": mask}
 
 
 def score_texts(params, graphdef, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
-                seq_len: int, max_prompt_len: int, batch_size: int, layout) -> np.ndarray:
-  """The reward model's raw reward of each (prompt, response), in fixed-shape batches.
+                seq_len: int, max_prompt_len: int, batch_size: int, layout,
+                fmt: formatting.Format) -> np.ndarray:
+  """The reward model's raw reward of each (prompt, response), in fixed-shape batches, the pair
+  joined by `fmt` as in training.
 
   Every process passes all the texts; each feeds its share of every batch to the global one.
   """
@@ -252,7 +256,7 @@ def score_texts(params, graphdef, tokenizer, prompts: Sequence[str], responses: 
   out = []
   for start in range(0, len(prompts), batch_size):
     chunk = slice(start, start + batch_size)
-    rows = response_rows(tokenizer, prompts[chunk], responses[chunk], seq_len=seq_len,
+    rows = response_rows(tokenizer, fmt, prompts[chunk], responses[chunk], seq_len=seq_len,
                          max_prompt_len=max_prompt_len)
     n = len(rows["tokens"])
     # A full batch every time: one compile, and it divides over the batch shards.
@@ -307,7 +311,8 @@ def fit_normalisation(config, layout, tokenizer, model_cfg, task, train_source, 
                                                       train_source)
   rewards = score_texts(params, graphdef, tokenizer, prompts, responses,
                         seq_len=config.data.seq_len, max_prompt_len=config.data.max_prompt_len,
-                        batch_size=config.sampling.batch_size, layout=layout)
+                        batch_size=config.sampling.batch_size, layout=layout,
+                        fmt=formatting.from_config(config))
   gain, bias = reward.normalisation(rewards)
   result = dict(gain=gain, bias=bias, reference=description, reference_size=len(rewards),
                 raw_mean=float(rewards.mean()), raw_std=float(rewards.std()))
