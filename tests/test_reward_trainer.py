@@ -83,14 +83,12 @@ def test_synthetic_end_to_end_collects_trains_evaluates_and_normalises(synthetic
   train_records, _ = rankings.read_rankings(os.path.join(workdir, "comparisons", "train.jsonl"))
   counts = summary["train"]
   assert counts["prompts"] == config.data.num_train_prompts
-  # Every prompt is accounted for: a ranking, or a counted skip.
-  assert counts["records"] + counts["all_tied_skipped"] + counts["too_few_responses_skipped"] \
-      == counts["prompts"] == len(train_records) + counts["prompts"] - counts["records"]
-  assert counts["responses"] - counts["empty_responses_dropped"] >= \
-      sum(len(r["responses"]) for r in train_records)
+  # Every prompt is accounted for: a ranking, or a counted skip; every sample is kept.
+  assert counts["records"] + counts["all_tied_skipped"] == counts["prompts"]
+  assert counts["records"] == len(train_records)
   for record in train_records:
     assert 2 <= len(record["responses"]) <= config.data.max_k
-    assert len(record["gold_scores"]) == len(record["responses"])
+    assert len(record["gold_scores"]) == len(record["responses"]) == len(record["ended"])
     assert len(set(record["ranks"])) > 1
   lines = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   evals = [l for l in lines if "eval_accuracy" in l]
@@ -270,28 +268,39 @@ def test_gold_ranks_are_dense_and_best_first():
 # ----------------------------------------------------------------------------- collection
 
 
-def test_rankings_skip_and_count_all_ties_and_empty_responses():
+def test_rankings_keep_every_sample_and_skip_and_count_all_ties():
   from instructjax.data.synthetic import SyntheticTask
   task = SyntheticTask()
   prompts = task.prompts(3, "rm")
   answers = [task.answer(p) for p in prompts]
+  Sampled = comparisons.Sampled
 
   def respond(flat):
-    # prompt 0: K identical answers (all tied); prompt 1: one answer and empty responses (too
-    # few left); prompt 2: right and wrong answers alternating (a ranking).
+    # prompt 0: K identical answers (all tied); prompt 1: the answer, an empty sample (EOS at
+    # once) and a blank one; prompt 2: right and wrong answers, the wrong ones cut short.
     seen, out = collections.Counter(), []
     for p in flat:
       j, n = prompts.index(p), seen[p]
       seen[p] += 1
-      out.append([answers[0], answers[1] if n == 0 else " ", answers[2] if n % 2 else " zzz"][j])
+      if j == 0:
+        out.append(Sampled(answers[0], True))
+      elif j == 1:
+        out.append(Sampled([answers[1], "", " "][n], True))
+      else:
+        out.append(Sampled(answers[2], True) if n % 2 else Sampled(" zzz", False))
     return out
 
   records, counts = comparisons.make_rankings(task, prompts, [3, 3, 4], respond, labeler_seed=0)
-  assert counts.all_tied_skipped == 1 and counts.too_few_responses_skipped == 1
-  assert counts.empty_responses_dropped == 2 and counts.records == 1 == len(records)
-  record = records[0]
+  assert counts.all_tied_skipped == 1 and counts.records == 2 == len(records)
+  assert counts.empty_responses == 1 and counts.truncated_responses == 2
+  assert records[0]["responses"] == [answers[1], "", " "]
+  assert records[0]["ranks"][0] == 0 and records[0]["ended"] == [True] * 3
+  record = records[1]
   assert record["prompt"] == prompts[2] and len(record["responses"]) == 4
+  assert record["ended"] == [False, True, False, True]
   assert record["gold_scores"] == [task.score(prompts[2], r) for r in record["responses"]]
+  for record in records:  # what collection writes, the reward model's reader accepts
+    assert rankings.validate_ranking(record, "collected") == record
   ks = comparisons.draw_ks(1000, 4, 6, seed=0)
   assert set(ks) == {4, 5, 6}
 

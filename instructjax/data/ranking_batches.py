@@ -5,7 +5,7 @@ One ranking record (`instructjax.data.rankings`) becomes ONE batch element holdi
 responses, so the reward model scores the K responses of a prompt in one forward pass and
 the loss sees all C(K, 2) comparisons of that prompt together:
 
-  tokens  int32 [max_k, T]  row i = prompt ids + response i ids + [eos], right-padded
+  tokens  int32 [max_k, T]  row i = prompt ids + response i ids (+ eos if it ended), right-padded
   mask    int32 [max_k, T]  1 = real token
   ranks   int32 [max_k]     the record's ranks (padding responses: 0)
   valid   bool  [max_k]     the first K rows are real responses, the rest padding
@@ -34,6 +34,8 @@ from instructjax.data.rankings import pairs, validate_ranking
 from instructjax.errors import InputError
 
 FIELDS = ("tokens", "mask", "ranks", "valid")
+# Record fields holding one value per response, besides `responses` and `ranks`.
+PER_RESPONSE_FIELDS = ("ended", "gold_scores")
 
 
 class TokenizerLike(Protocol):
@@ -63,11 +65,15 @@ def empty_ranking(*, seq_len: int, max_k: int, pad_id: int) -> dict[str, np.ndar
 
 
 def scored_rows(tokenizer: TokenizerLike, fmt: Format, prompt: str, responses: Sequence[str], *,
-                seq_len: int, max_prompt_len: int, where: str = "record") -> list[list[int]]:
-  """The ids the reward model reads for each response: `prompt + separator + response` encoded
-  as one text (`formatting.encode_pair`), the prompt keeping its last `max_prompt_len` tokens,
-  then the response + EOS cut to what remains of `seq_len`. Training, evaluation and the reward
-  normalisation all score through this one rule."""
+                seq_len: int, max_prompt_len: int, ended: Sequence[bool] | None = None,
+                where: str = "record") -> list[list[int]]:
+  """The ids the reward model reads for each response — the one scoring rule of every stage:
+  `prompt + separator + response` encoded as one text (`formatting.encode_pair`), the prompt
+  keeping its last `max_prompt_len` tokens, then the response and an EOS only where it ended
+  (`ended[i]`; all when None: written responses are complete), cut to what remains of
+  `seq_len`. PPO reads the same sequence from its rollouts: the sampled tokens, EOS included
+  exactly when sampled."""
+  ended = [True] * len(responses) if ended is None else ended
   prompt_ids = tokenizer.encode(prompt)
   kept = prompt_ids[max(len(prompt_ids) - max_prompt_len, 0):]
   room = seq_len - len(kept)
@@ -75,8 +81,11 @@ def scored_rows(tokenizer: TokenizerLike, fmt: Format, prompt: str, responses: S
     raise InputError(where, f"the prompt keeps {len(kept)} tokens (max_prompt_len="
                      f"{max_prompt_len}), leaving no room for a response in seq_len={seq_len}; "
                      "use max_prompt_len < seq_len")
-  return [kept + (encode_pair(tokenizer, fmt, prompt, response, prompt_ids=prompt_ids)
-                  .response_ids + [tokenizer.eos_id])[:room] for response in responses]
+  rows = []
+  for response, done in zip(responses, ended, strict=True):
+    ids = encode_pair(tokenizer, fmt, prompt, response, prompt_ids=prompt_ids).response_ids
+    rows.append(kept + (ids + [tokenizer.eos_id] * bool(done))[:room])
+  return rows
 
 
 def tokenize_ranking(record: Any, tokenizer: TokenizerLike, *, seq_len: int, max_prompt_len: int,
@@ -100,7 +109,7 @@ def tokenize_ranking(record: Any, tokenizer: TokenizerLike, *, seq_len: int, max
   _check_shapes(seq_len, max_prompt_len, max_k)
   record = validate_ranking(record, where, max_k=max_k)
   rows = scored_rows(tokenizer, fmt, record["prompt"], record["responses"], seq_len=seq_len,
-                     max_prompt_len=max_prompt_len, where=where)
+                     max_prompt_len=max_prompt_len, ended=record.get("ended"), where=where)
   out = empty_ranking(seq_len=seq_len, max_k=max_k, pad_id=tokenizer.pad_id)
   for i, row in enumerate(rows):
     out["tokens"][i, :len(row)] = row
@@ -132,12 +141,17 @@ def collate(examples: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 def explode_pairs(record: dict) -> list[dict]:
   """The K = 2 records of one ranking's (winner, loser) pairs, in `rankings.pairs` order.
 
-  Extra keys of the record are kept; `pair` records the (winner, loser) indices into the
-  original `responses`.
+  Extra keys of the record are kept (per-response ones, `ended` and `gold_scores`, for the
+  pair's two); `pair` records the (winner, loser) indices into the original `responses`.
   """
-  return [{**record, "responses": [record["responses"][w], record["responses"][l]],
+  def of_pair(w: int, l: int) -> dict:
+    out = {**record, "responses": [record["responses"][w], record["responses"][l]],
            "ranks": [0, 1], "pair": [w, l]}
-          for w, l in pairs(record["ranks"])]
+    for field in PER_RESPONSE_FIELDS:
+      if record.get(field) is not None:
+        out[field] = [record[field][w], record[field][l]]
+    return out
+  return [of_pair(w, l) for w, l in pairs(record["ranks"])]
 
 
 def pair_multiset(records: Iterable[dict]) -> collections.Counter:

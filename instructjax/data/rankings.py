@@ -9,6 +9,11 @@ prompt. One record holds one such ranking:
 ranks are a tie that yields no training pair. Ranks need not be dense ([0, 2, 2, 5] is
 fine). K varies from record to record. Extra keys (e.g. provenance) are kept as they are.
 
+Sampled responses (comparison collection) also carry `"ended": [bool] * K`: whether each
+sample emitted EOS. The reward model reads a response exactly as the policy emitted it — with
+an EOS only where one was sampled (`ranking_batches.scored_rows`) — so a response cut at
+max_new_tokens is scored here as PPO scores it. Without `ended`, every response is complete.
+
 `pairs` is the single definition of which (winner, loser) comparisons a ranking
 implies; every later stage (batching, the pairwise loss, evaluation) uses it.
 
@@ -119,14 +124,24 @@ def validate_ranking(record: Any, where: str, *, max_k: int | None = None) -> di
   for i, rank in enumerate(ranks):
     if not _is_int(rank) or rank < 0:
       fail("bad_rank", f"ranks[{i}] must be a non-negative integer, got {rank!r}")
+  ended = record.get("ended")
+  if ended is not None and (not isinstance(ended, (list, tuple)) or len(ended) != k
+                            or not all(isinstance(e, bool) for e in ended)):
+    fail("bad_ended", f"'ended' must be {k} booleans, one per response, got {ended!r}")
   for i, response in enumerate(responses):
-    if not response.strip():
+    # Sampled responses (with `ended`) are kept whatever the policy emitted, an empty answer
+    # too: the reward model must see it ranked, or PPO finds it unscored. In written data an
+    # empty response is an error.
+    if ended is None and not response.strip():
       fail("empty_response", f"responses[{i}] is empty or whitespace only")
   if len(set(ranks)) == 1:
     fail("all_tied", f"all {k} responses have rank {ranks[0]}: no preference pair")
   if max_k is not None and k > max_k:
     fail("too_many_responses", f"K = {k} responses exceeds max_k = {max_k}")
-  return {**record, "responses": list(responses), "ranks": list(ranks)}
+  out = {**record, "responses": list(responses), "ranks": list(ranks)}
+  if ended is not None:
+    out["ended"] = list(ended)
+  return out
 
 
 def pairs(ranks: Iterable[int]) -> list[tuple[int, int]]:

@@ -10,12 +10,11 @@ grain pipeline as a user's own ranking files.
 
 Each record also keeps `gold_scores` (the task's gold score of every response), so evaluation
 can measure the reward model's agreement with the gold ordering, not only with the noisy
-labeler. Dropped and skipped data is counted, never silently lost:
-
-  * a response that decodes to empty or whitespace-only text is dropped (a ranking record
-    cannot hold it); if fewer than 2 responses remain the prompt is skipped;
-  * a prompt whose responses all tie (e.g. all equal, or all equally wrong) gives no pair
-    and is skipped.
+labeler, and `ended` (whether each sample emitted EOS), so the reward model reads every
+response as the policy emitted it — the one scoring rule PPO uses on its rollouts. Every
+sample is kept, an empty one (EOS at once) too: it is the answer PPO can most easily collapse
+to, so the reward model must see it ranked. A prompt whose responses all tie (e.g. all equal,
+or all equally wrong) gives no pair and is skipped, and counted.
 
 Collection runs once: the files and a `summary.json` (counts, timing, the settings they were
 made with) are written atomically by process 0, and a re-run or a resumed run that finds them
@@ -29,7 +28,7 @@ import json
 import os
 import time
 import zlib
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -48,8 +47,13 @@ SUMMARY_FILE = "summary.json"
 # "eval" is disjoint from it in its (instruction, input) pairs.
 TASK_SPLITS = {"train": "rm", "validation": "eval"}
 
-# prompts -> one response text per prompt (a policy's samples, or the task's stand-in).
-Responder = Callable[[Sequence[str]], list[str]]
+class Sampled(NamedTuple):
+  text: str     # as records store it (`Format.response_text`)
+  ended: bool   # the sample emitted EOS
+
+
+# prompts -> one response per prompt (a policy's samples, or the task's stand-in).
+Responder = Callable[[Sequence[str]], list[Sampled]]
 
 
 @dataclasses.dataclass
@@ -59,9 +63,9 @@ class Counts:
   responses: int = 0
   records: int = 0
   pairs: int = 0
-  empty_responses_dropped: int = 0
+  empty_responses: int = 0   # kept and ranked: the policy's immediate EOS
+  truncated_responses: int = 0  # no EOS within max_new_tokens: scored without one
   all_tied_skipped: int = 0
-  too_few_responses_skipped: int = 0
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -80,24 +84,23 @@ def check_k_range(min_k: int, max_k: int) -> None:
                      f"max_k={max_k}")
 
 
-def rank_prompt(task: SyntheticTask, prompt: str, responses: Sequence[str],
+def rank_prompt(task: SyntheticTask, prompt: str, responses: Sequence[Sampled],
                 rng: np.random.Generator, counts: Counts) -> dict | None:
   """The labeler's ranking record of one prompt's responses, or None (counted) if it has no pair."""
   counts.prompts += 1
   counts.responses += len(responses)
-  kept = [r for r in responses if r.strip()]
-  counts.empty_responses_dropped += len(responses) - len(kept)
-  if len(kept) < 2:
-    counts.too_few_responses_skipped += 1
-    return None
-  ranks = task.rank(prompt, kept, rng)
+  counts.empty_responses += sum(not r.text for r in responses)
+  counts.truncated_responses += sum(not r.ended for r in responses)
+  texts = [r.text for r in responses]
+  ranks = task.rank(prompt, texts, rng)
   if len(set(ranks)) == 1:
     counts.all_tied_skipped += 1
     return None
   counts.records += 1
   counts.pairs += len(rankings.pairs(ranks))
-  return {"prompt": prompt, "responses": kept, "ranks": ranks,
-          "gold_scores": [task.score(prompt, r) for r in kept]}
+  return {"prompt": prompt, "responses": texts, "ranks": ranks,
+          "ended": [r.ended for r in responses],
+          "gold_scores": [task.score(prompt, t) for t in texts]}
 
 
 def make_rankings(task: SyntheticTask, prompts: Sequence[str], ks: Sequence[int],
@@ -136,7 +139,7 @@ def policy_responder(config, layout: common.Layout, tokenizer: Tokenizer,
     completions = generate.complete(sampler, params, tokenizer, prompts, jax.random.PRNGKey(seed),
                                     prompt_len=s.prompt_len, batch_size=s.batch_size,
                                     mesh=layout.mesh)
-    return [fmt.response_text(c.text) for c in completions]
+    return [Sampled(fmt.response_text(c.text), c.ended) for c in completions]
   return respond
 
 
@@ -144,7 +147,7 @@ def simulated_responder(task: SyntheticTask, *, seed: int) -> Responder:
   """The task's graded stand-in responses, for a run without an SFT policy (from scratch)."""
   def respond(prompts: Sequence[str]) -> list[str]:
     rng = np.random.default_rng([seed, zlib.crc32(b"simulated responses")])
-    return [task.simulated_response(p, rng) for p in prompts]
+    return [Sampled(task.simulated_response(p, rng), True) for p in prompts]
   return respond
 
 
@@ -230,7 +233,8 @@ def collect(config, workdir: str, layout: common.Layout, tokenizer: Tokenizer,
     multihost_utils.sync_global_devices("instructjax comparisons written")
   print(f"[{config.stage}] collected comparisons from {policy} in {seconds:.1f}s: "
         + "; ".join(f"{split} {c.records} rankings, {c.pairs} pairs, {c.all_tied_skipped} "
-                    f"all-tied skipped, {c.empty_responses_dropped} empty responses dropped"
+                    f"all-tied skipped, {c.empty_responses} empty and {c.truncated_responses} "
+                    "truncated responses"
                     for split, c in counts.items()), flush=True)
   return summary
 

@@ -243,11 +243,13 @@ class RewardModel:
   max_prompt_len: int
   fmt: formatting.Format  # how it was trained to read a prompt and a response
 
-  def score(self, prompts, responses, *, batch_size: int, layout, tokenizer) -> np.ndarray:
-    """Normalised rewards (gain * r + bias) of the responses to the (original) prompts."""
+  def score(self, prompts, responses, *, batch_size: int, layout, tokenizer,
+            ended=None) -> np.ndarray:
+    """Normalised rewards (gain * r + bias) of the responses to the (original) prompts, each
+    read with an EOS only if it `ended` (all when None), as PPO reads its rollouts."""
     raw = reward.score_texts(self.params, self.graphdef, tokenizer, prompts, responses,
                              seq_len=self.seq_len, max_prompt_len=self.max_prompt_len,
-                             batch_size=batch_size, layout=layout, fmt=self.fmt)
+                             batch_size=batch_size, layout=layout, fmt=self.fmt, ended=ended)
     return self.gain * raw + self.bias
 
 
@@ -316,8 +318,9 @@ def add_rm_scores(outputs: dict[str, dict[str, Any]], prompts: Sequence[str], rm
   names = list(outputs)
   all_prompts = [p for _ in names for p in prompts]
   all_texts = [t for name in names for t in outputs[name]["texts"]]
+  all_ended = [e for name in names for e in outputs[name]["ended"]]
   scores = rm.score(all_prompts, all_texts, batch_size=batch_size, layout=layout,
-                    tokenizer=tokenizer)
+                    tokenizer=tokenizer, ended=all_ended)
   for i, name in enumerate(names):
     outputs[name]["rm"] = scores[i * len(prompts):(i + 1) * len(prompts)].tolist()
 
@@ -354,17 +357,18 @@ def reward_model_summary(config, task) -> dict[str, Any] | None:
 
 def _sft_log_likelihoods(sft_policy: Policy, prompts: Sequence[str], responses: Sequence[str], *,
                          max_prompt_len: int, batch_size: int, compiled: Compiled,
-                         fmt: formatting.Format) -> np.ndarray:
-  """log pi_SFT(response + EOS | prompt) of each whole response; prompts keep their last
-  `max_prompt_len` tokens and join their responses by `fmt`, as the reward model reads them."""
+                         fmt: formatting.Format, ended: Sequence[bool]) -> np.ndarray:
+  """log pi_SFT(response [+ EOS where it ended] | prompt) of each whole response; prompts keep
+  their last `max_prompt_len` tokens and join their responses by `fmt`: the sequences the
+  reward model reads."""
   eos = compiled.tokenizer.eos_id
   tokenizer = compiled.tokenizer
   completions = [generate.Completion(
-      p, r, (*formatting.encode_pair(tokenizer, fmt, p, r).response_ids, eos), True, 0.0)
-      for p, r in zip(prompts, responses)]
+      p, r, (*formatting.encode_pair(tokenizer, fmt, p, r).response_ids, *[eos] * done), done,
+      0.0) for p, r, done in zip(prompts, responses, ended, strict=True)]
+  longest = max(1, *(len(c.tokens) for c in completions))
   log_probs, mask = response_log_probs(sft_policy, prompts, completions,
-                                       prompt_len=max_prompt_len,
-                                       max_new_tokens=max(len(c.tokens) for c in completions),
+                                       prompt_len=max_prompt_len, max_new_tokens=longest,
                                        batch_size=batch_size, compiled=compiled)
   return (log_probs * mask).sum(1)
 
@@ -403,7 +407,8 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
 
   def texts(rankings):
     return ([r["prompt"] for r in rankings for _ in r["responses"]],
-            [t for r in rankings for t in r["responses"]])
+            [t for r in rankings for t in r["responses"]],
+            [e for r in rankings for e in r.get("ended") or [True] * len(r["responses"])])
 
   def by_kind(rankings, scores: np.ndarray) -> dict[str, dict[str, float]]:
     scores = iter(scores.tolist())
@@ -415,15 +420,16 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
                       r["gold_scores"][a], r["gold_scores"][b], r["ranks"][a], r["ranks"][b]))
     return evaluation.pair_accuracy_by_kind(pairs, task.labeler_agreement_ceiling)
 
-  def rm_scores(prompts, responses):
-    return rm.score(prompts, responses, batch_size=batch_size, layout=layout, tokenizer=tokenizer)
+  def rm_scores(prompts, responses, ended):
+    return rm.score(prompts, responses, batch_size=batch_size, layout=layout, tokenizer=tokenizer,
+                    ended=ended)
 
-  prompts, responses = texts(rankings)
-  out = by_kind(rankings, rm_scores(prompts, responses))
+  prompts, responses, ended = texts(rankings)
+  out = by_kind(rankings, rm_scores(prompts, responses, ended))
   if sft_policy is not None:
     likelihood = by_kind(rankings, _sft_log_likelihoods(
         sft_policy, prompts, responses, max_prompt_len=rm.max_prompt_len, batch_size=batch_size,
-        compiled=compiled or Compiled(layout, tokenizer), fmt=rm.fmt))
+        compiled=compiled or Compiled(layout, tokenizer), fmt=rm.fmt, ended=ended))
     for kind, row in out.items():
       row["sft_likelihood_gold_accuracy"] = likelihood[kind]["gold_accuracy"]
   train = _graded_rankings(reward_workdir, "train")[:train_rankings]

@@ -229,15 +229,15 @@ def labeler_ceiling(task: SyntheticTask | None, eval_source) -> dict[str, float]
 
 
 def response_rows(tokenizer, fmt: formatting.Format, prompts: Sequence[str],
-                  responses: Sequence[str], *, seq_len: int, max_prompt_len: int
-                  ) -> dict[str, np.ndarray]:
+                  responses: Sequence[str], ended: Sequence[bool], *, seq_len: int,
+                  max_prompt_len: int) -> dict[str, np.ndarray]:
   """tokens/mask [N, 1, T] of each (prompt, response) as training reads it
-  (`ranking_batches.scored_rows`)."""
+  (`ranking_batches.scored_rows`: EOS only where the response ended)."""
   tokens = np.full([len(prompts), 1, seq_len], tokenizer.pad_id, np.int32)
   mask = np.zeros([len(prompts), 1, seq_len], np.int32)
-  for i, (prompt, response) in enumerate(zip(prompts, responses)):
+  for i, (prompt, response, done) in enumerate(zip(prompts, responses, ended, strict=True)):
     [row] = ranking_batches.scored_rows(tokenizer, fmt, prompt, [response], seq_len=seq_len,
-                                        max_prompt_len=max_prompt_len)
+                                        max_prompt_len=max_prompt_len, ended=[done])
     tokens[i, 0, :len(row)] = row
     mask[i, 0, :len(row)] = 1
   return {"tokens": tokens, "mask": mask}
@@ -245,19 +245,21 @@ def response_rows(tokenizer, fmt: formatting.Format, prompts: Sequence[str],
 
 def score_texts(params, graphdef, tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
                 seq_len: int, max_prompt_len: int, batch_size: int, layout,
-                fmt: formatting.Format) -> np.ndarray:
-  """The reward model's raw reward of each (prompt, response), in fixed-shape batches, the pair
-  joined by `fmt` as in training.
+                fmt: formatting.Format, ended: Sequence[bool] | None = None) -> np.ndarray:
+  """The reward model's raw reward of each (prompt, response), in fixed-shape batches, read by
+  the one scoring rule (`ranking_batches.scored_rows`): the pair joined by `fmt`, an EOS after
+  each response that `ended` (all when None: written responses are complete).
 
   Every process passes all the texts; each feeds its share of every batch to the global one.
   """
   score = jax.jit(lambda p, t, m: reward.reward_forward(p, graphdef, t, m))
   n_proc, index = jax.process_count(), jax.process_index()
+  ended = [True] * len(responses) if ended is None else list(ended)
   out = []
   for start in range(0, len(prompts), batch_size):
     chunk = slice(start, start + batch_size)
-    rows = response_rows(tokenizer, fmt, prompts[chunk], responses[chunk], seq_len=seq_len,
-                         max_prompt_len=max_prompt_len)
+    rows = response_rows(tokenizer, fmt, prompts[chunk], responses[chunk], ended[chunk],
+                         seq_len=seq_len, max_prompt_len=max_prompt_len)
     n = len(rows["tokens"])
     # A full batch every time: one compile, and it divides over the batch shards.
     rows = {k: np.concatenate([v, np.repeat(v[:1], batch_size - n, axis=0)])
@@ -274,7 +276,8 @@ def score_texts(params, graphdef, tokenizer, prompts: Sequence[str], responses: 
 
 
 def reference_samples(config, layout, tokenizer, model_cfg, task, train_source):
-  """(prompts, responses, description) of the reference set the normalisation is fitted on.
+  """(prompts, responses, ended, description) of the reference set the normalisation is fitted
+  on; `ended` says which responses emitted EOS (the scoring rule's input).
 
   By default: one sample of the SFT policy per PPO prompt (the synthetic task's "ppo" split, or
   the training rankings' prompts for files). Without a policy (no init_from): the responses
@@ -293,26 +296,31 @@ def reference_samples(config, layout, tokenizer, model_cfg, task, train_source):
     handle, params = workdirs.restore_model(config.init_from, LanguageModel, model_cfg, layout)
     respond = comparisons.policy_responder(config, layout, tokenizer, handle, params,
                                            seed=config.seed + 1)
-    return prompts, respond(prompts), f"SFT policy samples for {where}"
-  prompts, responses = [], []
+    samples = respond(prompts)
+    return (prompts, [s.text for s in samples], [s.ended for s in samples],
+            f"SFT policy samples for {where}")
+  prompts, responses, ended = [], [], []
   for i in range(len(train_source)):
     record = ranking_batches.ranking_record(train_source[i])
-    for response in record["responses"]:
+    done = record.get("ended") or [True] * len(record["responses"])
+    for response, response_ended in zip(record["responses"], done):
       if len(prompts) < n:
         prompts.append(record["prompt"])
         responses.append(response)
-  return prompts, responses, f"{len(prompts)} responses of the training rankings (no init_from)"
+        ended.append(response_ended)
+  return (prompts, responses, ended,
+          f"{len(prompts)} responses of the training rankings (no init_from)")
 
 
 def fit_normalisation(config, layout, tokenizer, model_cfg, task, train_source, params,
                       graphdef) -> dict[str, Any]:
   """gain and bias that give the reference set reward mean 0 and std 1, and what it was."""
-  prompts, responses, description = reference_samples(config, layout, tokenizer, model_cfg, task,
-                                                      train_source)
+  prompts, responses, ended, description = reference_samples(config, layout, tokenizer, model_cfg,
+                                                             task, train_source)
   rewards = score_texts(params, graphdef, tokenizer, prompts, responses,
                         seq_len=config.data.seq_len, max_prompt_len=config.data.max_prompt_len,
                         batch_size=config.sampling.batch_size, layout=layout,
-                        fmt=formatting.from_config(config))
+                        fmt=formatting.from_config(config), ended=ended)
   gain, bias = reward.normalisation(rewards)
   result = dict(gain=gain, bias=bias, reference=description, reference_size=len(rewards),
                 raw_mean=float(rewards.mean()), raw_std=float(rewards.std()))
