@@ -30,6 +30,12 @@ def test_samples_from_an_sft_checkpoint_with_gold_scores(tmp_path, capsys):
     config.prompts_file = str(prompts)
   with pytest.raises(InputError, match="prompts.jsonl:2"):
     sample.run(config, str(tmp_path / "out2"))
+  # The user's own prompts (not the task's) sample without a gold score, instead of the gold
+  # scorer refusing them.
+  prompts.write_text('{"prompt": "\\n\\nHuman: how do I bake bread?\\n\\nAssistant:"}\n')
+  sample.run(config, str(tmp_path / "out3"))
+  rows = [json.loads(l) for l in open(tmp_path / "out3" / "samples.jsonl")]
+  assert len(rows) == 1 and "gold_score" not in rows[0] and "Human:" in rows[0]["prompt"]
 
 
 def test_a_directory_without_a_trained_config_is_a_clear_error(tmp_path):

@@ -21,3 +21,28 @@ def test_a_missing_config_is_none_or_an_error_naming_the_file_and_the_need(tmp_p
   with pytest.raises(InputError, match=r"config\.json.*a reward model"):
     workdirs.read_config(str(tmp_path), required="a reward model")
   assert workdirs.policy_path(None) == ("params",)
+
+
+def test_a_stage_started_from_another_takes_its_architecture_and_keeps_its_runtime(tmp_path):
+  import tiny
+  from instructjax.trainers import common
+  sft = tiny.lm_config("sft")
+  tokenizer = common.tokenizer_from_config(sft)
+  with sft.unlocked():
+    sft.model.update(d_model=48, n_layers=3, n_heads=3, dtype="float32")
+  sft_cfg = common.model_config(sft, tokenizer)
+  common.save_config(str(tmp_path / "sft"), sft, sft_cfg)
+  stored = json.load(open(tmp_path / "sft" / "config.json"))
+  assert stored["resolved_model"]["d_model"] == 48 and stored["model"]["d_model"] == 48
+
+  rm = tiny.reward_config(init_from=str(tmp_path / "sft"))
+  with rm.unlocked():
+    rm.model.update(d_model=256, remat="full", dtype="bfloat16")  # sizes ignored, runtime kept
+  rm_cfg = common.model_config(rm, tokenizer)
+  assert (rm_cfg.d_model, rm_cfg.n_layers, rm_cfg.n_heads) == (48, 3, 3)
+  assert (rm_cfg.remat, rm_cfg.dtype) == ("full", "bfloat16")
+  assert rm_cfg.vocab_size == sft_cfg.vocab_size
+  # Without init_from, a stage's own section decides.
+  with rm.unlocked():
+    rm.init_from = ""
+  assert common.model_config(rm, tokenizer).d_model == 256

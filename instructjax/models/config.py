@@ -112,3 +112,13 @@ class ModelConfig:
 def pad_vocab(size: int, multiple: int = 128) -> int:
   """Rounds a tokenizer's vocabulary up so the table shards evenly and matmuls tile well."""
   return -(-size // multiple) * multiple
+
+
+# How a model runs, not what it is: a stage that starts from another stage's weights sets these
+# itself and takes every other field (the architecture) from the stage it starts from.
+RUNTIME_FIELDS = ("dtype", "dropout", "remat", "scan_unroll", "attention_impl", "init_std")
+
+
+def architecture(cfg: ModelConfig) -> dict:
+  """The fields of `cfg` that its weights depend on (all but `RUNTIME_FIELDS`)."""
+  return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RUNTIME_FIELDS}

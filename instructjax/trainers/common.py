@@ -16,7 +16,7 @@ from jax.sharding import Mesh, PartitionSpec
 from instructjax import parallel
 from instructjax.data.tokenizers import Tokenizer, make_tokenizer
 from instructjax.errors import InputError
-from instructjax.models.config import ModelConfig, pad_vocab
+from instructjax.models.config import ModelConfig, architecture, pad_vocab
 from instructjax.sampling import Sampler, SamplingConfig
 
 
@@ -51,11 +51,23 @@ def tokenizer_from_config(config: ml_collections.ConfigDict) -> Tokenizer:
   return make_tokenizer(config.tokenizer.kind, config.tokenizer.path or None)
 
 
-def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
-  """The model section as a ModelConfig; vocab_size None means the tokenizer's, padded to 128."""
+RESOLVED_MODEL = "resolved_model"  # config.json: the ModelConfig the stage ran with
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
+                 inherit: bool = True) -> ModelConfig:
+  """The model section as a ModelConfig; vocab_size None means the tokenizer's, padded to 128.
+
+  A stage that starts from another stage's checkpoint (`config.init_from`) takes that stage's
+  architecture — what its weights are — and keeps only its own runtime fields
+  (`models.config.RUNTIME_FIELDS`: dtype, dropout, remat, ...), so no stage repeats the model's
+  sizes by hand. A `init_from_hf` checkpoint decides the architecture likewise."""
   fields = config.model.to_dict()
   hf_dir = fields.pop("init_from_hf", "")
-  if hf_dir:  # the checkpoint decides the architecture; the vocabulary is padded as usual
+  source = started_from(config, tokenizer) if inherit else None
+  if source is not None:
+    fields.update(architecture(source))
+  elif hf_dir:  # the checkpoint decides the architecture; the vocabulary is padded as usual
     from instructjax.models import hf
     overrides = hf.hf_model_overrides(hf_dir)
     fields.update({k: v for k, v in overrides.items() if k != "vocab_size"})
@@ -69,6 +81,34 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Mod
     raise InputError("config.model.vocab_size", f"{fields['vocab_size']} is smaller than the "
                      f"tokenizer's vocabulary ({tokenizer.vocab_size})")
   return ModelConfig.from_mapping(fields)
+
+
+def started_from(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ModelConfig | None:
+  """The ModelConfig of the stage `config.init_from` names (as it ran: its config.json's
+  resolved model, or its model section for a workdir written before that was recorded), or None
+  without one."""
+  from instructjax.trainers import workdirs
+  if not config.get("init_from"):
+    return None
+  trained = workdirs.read_config(config.init_from)
+  if trained is None:
+    return None  # the stage's own checks name the missing workdir
+  return ran_with(trained, tokenizer)
+
+
+def ran_with(trained: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
+  """The ModelConfig a finished stage ran with, from its config.json (`trained`): the resolved
+  model it recorded, or for a workdir written before that, its model section."""
+  if trained.get(RESOLVED_MODEL):
+    return ModelConfig.from_mapping(trained[RESOLVED_MODEL].to_dict())
+  return model_config(trained, tokenizer, inherit=False)
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict, model_cfg: ModelConfig) -> None:
+  """`<workdir>/config.json`: the config the stage ran with and the ModelConfig it resolved to,
+  which the stages started from this one take their architecture from."""
+  save_json(os.path.join(workdir, "config.json"),
+            {**config.to_dict(), RESOLVED_MODEL: dataclasses.asdict(model_cfg)})
 
 
 def hf_params(config, layout: "Layout", model_cfg: ModelConfig):

@@ -106,7 +106,7 @@ def model_config_of(name: str, workdir: str, config, tokenizer: Tokenizer):
   if why:
     raise InputError(f"config.models.{name}", f"{workdir} was trained with tokenizer {theirs}, "
                      f"the evaluation uses {mine}: {why}; set --config.tokenizer to match")
-  return common.model_config(stored, tokenizer)
+  return common.ran_with(stored, tokenizer)
 
 
 def load_policy(name: str, workdir: str, config, layout: common.Layout,

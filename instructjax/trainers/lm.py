@@ -86,7 +86,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
       return state
 
     state, _ = loop.restore_or_init(config.stage, ckpt, abstract, create, data_iter)
-    common.save_json(f"{workdir}/config.json", config.to_dict())
+    common.save_config(workdir, config, model_cfg)
     model = common.ModelHandle(graphdef, model_cfg, shardings["params"])
     final_eval = None
     if extra_eval is not None:

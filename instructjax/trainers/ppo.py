@@ -617,7 +617,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         config.stage, ckpt, abstract,
         lambda: _create_state(config, models, sources, optimizers, cfg, shardings), data.streams)
     sources = None  # the state holds what it needs: free the rest before the first step
-    common.save_json(f"{workdir}/config.json", config.to_dict())
+    common.save_config(workdir, config, model_cfg)
     steps_done = int(state["step"])
     if steps_done % minibatches:
       raise InputError(f"{workdir}/checkpoints", f"step {steps_done} is not a whole number of "

@@ -363,7 +363,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       return state
 
     state, extra = loop.restore_or_init(config.stage, ckpt, abstract, create, data_iter)
-    common.save_json(f"{workdir}/config.json", config.to_dict())
+    common.save_config(workdir, config, model_cfg)
     normalisation: dict[str, Any] = dict(extra.get(NORMALISATION_KEY, {}))
 
     def final_eval(state) -> dict[str, float]:

@@ -19,7 +19,7 @@ from instructjax.trainers.data_sources import synthetic_task
 def policy_params(checkpoint: str, trained, layout: common.Layout):
   """(ModelHandle, params, tokenizer) of the language model in a pretrain, SFT or PPO workdir."""
   tokenizer = common.tokenizer_from_config(trained)
-  model, params = workdirs.restore_policy(checkpoint, common.model_config(trained, tokenizer),
+  model, params = workdirs.restore_policy(checkpoint, common.ran_with(trained, tokenizer),
                                           layout, trained)
   return model, params, tokenizer
 
@@ -29,11 +29,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise InputError("config.checkpoint", "give a stage workdir to sample from")
   trained = workdirs.read_config(config.checkpoint, required="--config.checkpoint")
   layout = common.Layout.from_config(config)
-  task = synthetic_task(trained) if trained.get("synthetic") else None
+  trained_on_task = trained.get("data", {}).get("source", "synthetic") == "synthetic"
+  task = None  # the gold scorer judges the synthetic task's own prompts only
   if config.prompts_file:
     prompts = [r["prompt"] for r in records.read_prompts(config.prompts_file)]
     prompts = prompts[:config.num_prompts]
-  elif task is not None:
+  elif trained_on_task and trained.get("synthetic"):
+    task = synthetic_task(trained)
     prompts = task.prompts(config.num_prompts, config.split, style=config.style or None)
   else:
     raise InputError("config.prompts_file", "the checkpoint was not trained on the synthetic "

@@ -84,7 +84,7 @@ def restore_policy(path: str, model_cfg: ModelConfig, layout: common.Layout,
 def restore_scalar(path: str, layout: common.Layout):
   """A reward model's workdir: (handle, params), its ModelConfig rebuilt from its config.json."""
   trained = read_config(path, required="a reward model")
-  model_cfg = common.model_config(trained, common.tokenizer_from_config(trained))
+  model_cfg = common.ran_with(trained, common.tokenizer_from_config(trained))
   return restore_model(path, ScalarModel, model_cfg, layout)
 
 
