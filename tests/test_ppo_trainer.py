@@ -301,5 +301,5 @@ def test_config_holds_every_ppo_field_and_the_sweep_parses(tmp_path):
   runs = sweep_lib.plan(f"{ppo_configs.__file__}:tiny", str(tmp_path),
                         ["--config.init_from=/x", "--config.reward_from=/y"])
   assert {r.name for r in runs} == {"baseline", "no_ptx", "fixed_kl", "no_whitening",
-                                    "value_zero"}
+                                    "value_zero", "tf_adam"}
   assert all(r.final_step == ppo_configs.get_config("tiny").iterations for r in runs)

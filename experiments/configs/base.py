@@ -74,7 +74,11 @@ def optimizer_config(lr: float = 1e-3, warmup_steps: int = 20) -> config_dict.Co
   o.weight_decay = 0.0
   o.b1 = 0.9
   o.b2 = 0.95
-  o.eps = 1e-8
+  o.eps = 1e-8                # used as given by either adam_style
+  # torch: optax.adamw (eps added to the bias-corrected sqrt(v)); tf: TF1's AdamOptimizer as in
+  # lm-human-preferences (eps added to sqrt(v) before bias correction; they used eps=1e-5,
+  # b2=0.999: set those too, e.g. --config.optimizer.eps=1e-5). See sft.ADAM_STYLES.
+  o.adam_style = "torch"
   o.clip_norm = 1.0           # global-norm clipping; <= 0 turns it off
   return o
 

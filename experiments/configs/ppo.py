@@ -126,8 +126,10 @@ def sweep(arg: str = "tiny") -> list[dict]:
   """The main PPO ablations, each one change from the variant's defaults.
 
   baseline (PPO-ptx as configured), no_ptx (plain PPO, the paper's "PPO" model), fixed vs
-  adaptive KL (whichever the variant does not use), no_whitening (rewards and advantages), and
-  value_zero (value head zero on the SFT backbone instead of the reward model).
+  adaptive KL (whichever the variant does not use), no_whitening (rewards and advantages),
+  value_zero (value head zero on the SFT backbone instead of the reward model), and tf_adam
+  (lm-human-preferences' TF1 Adam: eps 1e-5 added to sqrt(v) before bias correction, for policy
+  and value; b2 is already TF's 0.999 here, clipping and the schedule stay as configured).
   """
   config = get_config(arg)
   adaptive = config.ppo.adaptive_kl
@@ -139,4 +141,5 @@ def sweep(arg: str = "tiny") -> list[dict]:
       {"name": "no_whitening",
        "overrides": {"ppo.whiten_rewards": False, "ppo.whiten_advantages": False}},
       {"name": "value_zero", "overrides": {"ppo.value_init": "zero"}},
+      {"name": "tf_adam", "overrides": {"optimizer.adam_style": "tf", "optimizer.eps": 1e-5}},
   ]

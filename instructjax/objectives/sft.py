@@ -66,14 +66,60 @@ def decay_mask(params) -> Any:
   return jax.tree.map_with_path(decayed, params)
 
 
+# How Adam turns its moments into a step. "torch" is PyTorch's / optax's AdamW:
+#   m_hat / (sqrt(v_hat) + eps),            m_hat = m / (1 - b1^t), v_hat = v / (1 - b2^t);
+# "tf" is TF1's tf.train.AdamOptimizer, which lm-human-preferences trained with (eps=1e-5):
+#   sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps),
+# i.e. eps is added to the uncorrected sqrt(v), an effective eps of eps / sqrt(1 - b2^t) early
+# in training (x31.6 at step 1 with b2=0.999), so steps on small-gradient parameters are smaller.
+ADAM_STYLES = ("torch", "tf")
+
+
+def scale_by_tf_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-5
+                     ) -> optax.GradientTransformation:
+  """Adam's direction as TF1's AdamOptimizer computes it (the "epsilon hat" form of Kingma & Ba,
+  section 2): lr_t = sqrt(1 - b2^t) / (1 - b1^t), step = lr_t * m / (sqrt(v) + eps). The state is
+  optax's ScaleByAdamState (count, mu, nu), the same moments as `optax.scale_by_adam`."""
+
+  def init(params):
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                  mu=optax.tree.zeros_like(params),
+                                  nu=optax.tree.zeros_like(params))
+
+  def update(updates, state, params=None):
+    del params
+    mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+    nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+    count = optax.safe_increment(state.count)
+    t = count.astype(jnp.float32)
+    scale = jnp.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+    step = jax.tree.map(lambda m, v: (scale * m / (jnp.sqrt(v) + eps)).astype(m.dtype), mu, nu)
+    return step, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(schedule: optax.Schedule, *, weight_decay: float = 0.0, b1: float = 0.9,
-                   b2: float = 0.95, eps: float = 1e-8, clip_norm: float | None = 1.0):
-  """AdamW with global-norm clipping (clip_norm None or <= 0 turns clipping off)."""
+                   b2: float = 0.95, eps: float = 1e-8, clip_norm: float | None = 1.0,
+                   adam_style: str = "torch"):
+  """AdamW with global-norm clipping (clip_norm None or <= 0 turns clipping off).
+
+  adam_style "torch" is optax.adamw; "tf" swaps in `scale_by_tf_adam` (see ADAM_STYLES) and keeps
+  the rest: clipping first, then decoupled weight decay on `decay_mask`'s leaves, then the
+  schedule, so an update is -lr(t) * (adam_step + weight_decay * param). `eps` is used as given
+  by either style (lm-human-preferences' TF value is 1e-5)."""
+  if adam_style not in ADAM_STYLES:
+    raise ValueError(f"unknown adam_style {adam_style!r}: one of {', '.join(ADAM_STYLES)}")
   parts = []
   if clip_norm and clip_norm > 0:
     parts.append(optax.clip_by_global_norm(clip_norm))
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                           mask=decay_mask))
+  if adam_style == "torch":
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                             mask=decay_mask))
+  else:  # optax.adamw's chain with TF's scaling: the state has the same tree in both styles
+    parts.append(optax.chain(scale_by_tf_adam(b1, b2, eps),
+                             optax.add_decayed_weights(weight_decay, decay_mask),
+                             optax.scale_by_learning_rate(schedule)))
   return optax.chain(*parts)
 
 

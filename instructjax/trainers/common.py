@@ -164,12 +164,16 @@ def sampler(model: "ModelHandle", sampling: SamplingConfig, tokenizer: Tokenizer
 
 def make_optimizer(o: ml_collections.ConfigDict, total_steps: int, lr: float | None = None):
   """(schedule, AdamW) of an `optimizer` config section over `total_steps` (`lr` overrides its
-  rate: PPO's value model)."""
+  rate: PPO's value model). Every stage (pretraining, SFT, reward model, PPO's policy and value)
+  builds its optimizer here, so `adam_style` applies to all of them."""
   from instructjax.objectives import sft
+  if o.adam_style not in sft.ADAM_STYLES:
+    raise InputError("config.optimizer.adam_style",
+                     f"{o.adam_style!r} is not one of {', '.join(sft.ADAM_STYLES)}")
   schedule = sft.learning_rate_schedule(o.lr if lr is None else lr, o.warmup_steps, total_steps,
                                         o.decay, o.end_fraction)
   optimizer = sft.make_optimizer(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                                 eps=o.eps, clip_norm=o.clip_norm)
+                                 eps=o.eps, clip_norm=o.clip_norm, adam_style=o.adam_style)
   return schedule, optimizer
 
 
