@@ -3,6 +3,7 @@
   python -m experiments.prepare_data NAME --in FILE[,FILE...] --out DIR [--seed S]
       [--fractions sft=0.4,rm=0.3,ppo=0.2,eval=0.1] [--holdout 0.05] [--max_records N]
       [--separator TEXT] [--on_bad error|skip] [--tokenizer_kind KIND --tokenizer_path PATH]
+      [--chat_template CHECKPOINT_DIR]
 
 NAME is hh_rlhf, open_assistant, summarize_from_feedback, gsm8k (train answers and/or model
 solutions in one call: each file's kind is told by its fields) or generic (our own formats, or
@@ -30,6 +31,16 @@ holds
   format.json                          {"separator": ...}: the stages' --config.format.separator
   summary.json                         what was read, written per file, left out and why
 
+With `--chat_template DIR` (a checkpoint directory whose chat template `chat_templates.
+load_chat_template` finds), every record is rendered with that template before the split
+(`render_with_template`): HH-RLHF and OpenAssistant prompts are read back into their turns
+(`chat_templates.hh_messages`), summarize-from-feedback and GSM8K prompts are one user turn,
+generic prompts a dialogue when they are in the HH layout and one user turn otherwise; each
+response is the assistant's reply to them (`chat_templates.split_for_training`: the prompt is
+the conversation rendered with the generation prompt, the response what the reply adds,
+end-of-turn text included). The separator is then "" (the template carries the join), and a
+conversation the template refuses is left out and counted by reason.
+
 Records in a file are sorted by their prompt's hash, so identical inputs give identical bytes
 (and an unchanged file keeps its mtime, so the stages' builds are reused). A record whose
 prompt's set does not use its kind (a demonstration of an RM-set prompt) is counted as unused;
@@ -38,6 +49,7 @@ flags each stage takes to read DIR. Bad input ends in one line naming file:line,
 """
 import argparse
 import collections
+import dataclasses
 import hashlib
 import json
 import math
@@ -48,7 +60,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from instructjax.data import converters
+from instructjax.data import chat_templates, converters
 from instructjax.data.records import iter_jsonl, write_jsonl
 from instructjax.errors import InputError
 
@@ -165,14 +177,172 @@ def _reasons(counter: dict[str, int]) -> str:
   return ", ".join(f"{why} {n:,}" for why, n in sorted(counter.items()))
 
 
+# ------------------------------------------------------------------------------------ chat templates
+
+# How each dataset's prompts become chat messages under --chat_template: "dialogue" reads an
+# HH-layout prompt ("\n\nHuman: ...\n\nAssistant:", which the converters also write for
+# OpenAssistant threads) back into its turns; "single_turn" makes the whole prompt one user
+# message (a TL;DR prompt, "TL;DR:" included; a GSM8K question); "auto" (generic files) reads a
+# prompt in the HH layout as a dialogue and any other as one user turn.
+CHAT_LAYOUTS = {"hh_rlhf": "dialogue", "open_assistant": "dialogue",
+                "summarize_from_feedback": "single_turn", "gsm8k": "single_turn",
+                "generic": "auto"}
+TEMPLATE_REFUSED = "template_refused"  # the template's own raise_exception, or its failure
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+  """A checkpoint's chat template and what it renders with."""
+  directory: str
+  file: str                       # where the template was found, relative to `directory`
+  template: str
+  special_tokens: dict[str, str]  # bos_token, eos_token, ... as the template sees them
+  special_texts: tuple[str, ...]  # every special token's text (to spot them in rendered text)
+
+  def source(self) -> dict:
+    return {"directory": self.directory, "file": self.file,
+            "sha256": hashlib.sha256(self.template.encode("utf-8")).hexdigest()}
+
+
+def load_template(directory: str) -> ChatTemplate:
+  """The chat template of a checkpoint directory, looked for where `chat_templates.
+  load_chat_template` (transformers' `from_pretrained`) looks; InputError without one, or when
+  it cannot render a one-turn conversation."""
+  where = f"--chat_template {directory}"
+  template = chat_templates.load_chat_template(directory)
+  if template is None:
+    raise InputError(where, f"has no chat template: no {chat_templates.CHAT_TEMPLATE_FILE} and no "
+                     f"'chat_template' in {chat_templates.TOKENIZER_CONFIG_FILE}")
+  root = pathlib.Path(directory)
+  if (root / chat_templates.CHAT_TEMPLATE_FILE).is_file():
+    file = chat_templates.CHAT_TEMPLATE_FILE
+  elif (root / chat_templates.CHAT_TEMPLATE_DIR).is_dir():
+    file = f"{chat_templates.CHAT_TEMPLATE_DIR}/{chat_templates.DEFAULT_TEMPLATE_NAME}.jinja"
+  else:
+    file = chat_templates.TOKENIZER_CONFIG_FILE
+  special = chat_templates.load_special_tokens(directory)
+  texts = set(special.values())
+  config_path = root / chat_templates.TOKENIZER_CONFIG_FILE
+  if config_path.is_file():  # transformers' added_tokens_decoder: {id: {"content", "special"}}
+    try:
+      added = json.loads(config_path.read_text(encoding="utf-8-sig")).get("added_tokens_decoder")
+    except (OSError, ValueError):
+      added = None  # load_special_tokens has read this file: it is valid JSON
+    for token in (added.values() if isinstance(added, dict) else ()):
+      if isinstance(token, dict) and token.get("special") and isinstance(token.get("content"), str):
+        texts.add(token["content"])
+  loaded = ChatTemplate(str(directory), file, template, special,
+                        tuple(sorted(t for t in texts if t)))
+  try:  # A template that cannot render this renders none of the datasets' conversations.
+    chat_templates.render(template, [{"role": "user", "content": "Hello."}],
+                          add_generation_prompt=True, special_tokens=special, where=where)
+  except InputError as e:
+    raise InputError(where, f"cannot render a one-turn conversation: {e.problem}") from None
+  return loaded
+
+
+def _is_hh_dialogue(prompt: str) -> bool:
+  return (prompt.startswith((converters.HUMAN, converters.HUMAN.lstrip()))
+          and prompt.endswith(converters.ASSISTANT))
+
+
+def conversation(layout: str, prompt: str, where: str) -> list[dict]:
+  """The chat messages of a prompt (CHAT_LAYOUTS), ending with the user's turn."""
+  if layout == "dialogue" or (layout == "auto" and _is_hh_dialogue(prompt)):
+    messages = chat_templates.hh_messages(prompt, where=where)
+  else:
+    messages = [{"role": "user", "content": prompt.strip()}]
+  if messages[-1]["role"] != "user":
+    raise chat_templates.ConversationProblem(
+        where, "the prompt ends with the assistant's turn, so a reply would follow a reply",
+        "roles_do_not_alternate")
+  return messages
+
+
+def _render_record(kind: str, record: dict, chat: ChatTemplate, layout: str) -> dict:
+  what = "prompt" if kind == "prompts" else f"{kind[:-1]} of prompt"
+  where = f"chat template ({what} {record['prompt'][:40]!r})"
+  messages = conversation(layout, record["prompt"], where)
+  if kind == "prompts":
+    return {**record, "prompt": chat_templates.render(
+        chat.template, messages, add_generation_prompt=True,
+        special_tokens=chat.special_tokens, where=where)}
+  responses = record["responses"] if kind == "rankings" else [record["completion"]]
+  prompts, rendered = set(), []
+  for response in responses:
+    prompt, text = chat_templates.split_for_training(
+        chat.template, messages + [{"role": "assistant", "content": response.strip()}],
+        chat.special_tokens, where=where)
+    prompts.add(prompt)
+    rendered.append(text)
+  if len(prompts) > 1:  # e.g. a template that prints the time
+    raise chat_templates.ConversationProblem(
+        where, "the template renders the prompt differently for each response", "not_incremental")
+  if kind == "rankings":
+    return {**record, "prompt": prompts.pop(), "responses": rendered}
+  return {**record, "prompt": prompts.pop(), "completion": rendered[0]}
+
+
+def render_with_template(found: dict[str, dict[str, dict]], chat: ChatTemplate,
+                         layout: str) -> tuple[dict[str, dict[str, dict]], dict]:
+  """Every record of `found` ({kind: {key: record}}) rendered with the chat template: (the
+  rendered records, keyed again, and what happened). A conversation the template cannot be used
+  on (`ConversationProblem`: roles that do not alternate, text before the first turn, ...) or
+  that the template refuses (its `raise_exception`) is left out and counted by reason, with the
+  first message of each reason kept as an example; records that render alike are kept once and
+  counted as duplicates."""
+  rendered = {kind: {} for kind in KINDS}
+  skipped = {kind: collections.Counter() for kind in KINDS}
+  duplicates = collections.Counter()
+  examples: dict[str, str] = {}
+  for kind in KINDS:
+    for record in found[kind].values():
+      try:
+        out = _render_record(kind, record, chat, layout)
+      except chat_templates.ConversationProblem as e:
+        skipped[kind][e.reason] += 1
+        examples.setdefault(e.reason, str(e))
+        continue
+      except InputError as e:
+        skipped[kind][TEMPLATE_REFUSED] += 1
+        examples.setdefault(TEMPLATE_REFUSED, str(e))
+        continue
+      key = json.dumps(out, sort_keys=True, ensure_ascii=False)
+      if key in rendered[kind]:
+        duplicates[kind] += 1
+      else:
+        rendered[kind][key] = out
+  texts = [text for kind in KINDS for record in rendered[kind].values()
+           for text in [record["prompt"], record.get("completion", ""),
+                        *record.get("responses", ())]]
+  in_text = {token: sum(token in text for text in texts) for token in chat.special_texts}
+  report_ = {
+      **chat.source(), "layout": layout,
+      "rendered": {kind: len(rendered[kind]) for kind in KINDS},
+      "skipped": {kind: dict(sorted(skipped[kind].items())) for kind in KINDS},
+      "examples": dict(sorted(examples.items())),
+      "duplicates": {kind: duplicates[kind] for kind in KINDS},
+      "special_tokens_in_text": {t: n for t, n in in_text.items() if n},
+  }
+  if not any(rendered.values()):
+    reasons = collections.Counter()
+    for counter in skipped.values():
+      reasons.update(counter)
+    raise InputError(f"--chat_template {chat.directory}", "the chat template was used on no "
+                     f"conversation ({_reasons(reasons)}), e.g. {next(iter(examples.values()), '')}")
+  return rendered, report_
+
+
 # ------------------------------------------------------------------------------------ preparing
 
 
 def prepare(name: str, inputs: Sequence[str], out: str | os.PathLike, *, seed: int = 0,
             fractions: dict[str, float] | None = None, holdout: float = DEFAULT_HOLDOUT,
             max_records: int | None = None, separator: str | None = None,
-            on_bad: str = "error", tokenizer_kind: str = "", tokenizer_path: str = "") -> dict:
-  """Reads `inputs`, writes DIR's files (module docstring) and returns the summary."""
+            on_bad: str = "error", tokenizer_kind: str = "", tokenizer_path: str = "",
+            chat_template: str = "") -> dict:
+  """Reads `inputs`, writes DIR's files (module docstring) and returns the summary.
+  `chat_template`: a checkpoint directory whose chat template renders every record."""
   if name not in DATASETS:
     raise InputError("NAME", f"unknown dataset {name!r}; known: {list(DATASETS)}")
   fractions = dict(DEFAULT_FRACTIONS) if fractions is None else fractions
@@ -180,6 +350,13 @@ def prepare(name: str, inputs: Sequence[str], out: str | os.PathLike, *, seed: i
     raise InputError("--holdout", f"must be in [0, 1), got {holdout}")
   if not inputs:
     raise InputError("--in", "no input files")
+  chat = None
+  if chat_template:
+    if separator:
+      raise InputError("--separator", f"{separator!r} with --chat_template: the template's "
+                       "rendering carries the join (the separator is \"\"); leave --separator out")
+    chat = load_template(chat_template)
+    separator = ""
   separator = SEPARATORS[name] if separator is None else separator
   out = pathlib.Path(out)
 
@@ -205,6 +382,11 @@ def prepare(name: str, inputs: Sequence[str], out: str | os.PathLike, *, seed: i
       raise InputError(str(path), f"every record was left out ({why})")
     read_summary.append({"path": str(path), "source": source, "read": read,
                          **{kind: s.as_dict() for kind, s in stats.items()}})
+
+  template_summary = None
+  if chat is not None:  # Split what the model will read: the rendered records.
+    found, template_summary = render_with_template(found, chat, CHAT_LAYOUTS[name])
+    duplicates.update(template_summary["duplicates"])
 
   # Split by prompt.
   prompts = sorted({r["prompt"] for kind in KINDS for r in found[kind].values()})
@@ -268,8 +450,19 @@ def prepare(name: str, inputs: Sequence[str], out: str | os.PathLike, *, seed: i
                  "empty_prompts": empty_prompts},
       "rm_max_k": max((len(r["responses"]) for r in rm_records), default=0),
   }
+  if template_summary is not None:
+    summary["chat_template"] = template_summary
   if tokenizer_kind:
-    summary["boundary"] = count_boundary_cases(files, separator, tokenizer_kind, tokenizer_path)
+    from instructjax.data import tokenizers
+    tokenizer = tokenizers.make_tokenizer(tokenizer_kind, tokenizer_path or None)
+    summary["boundary"] = count_boundary_cases(files, separator, tokenizer_kind, tokenizer_path,
+                                               tokenizer=tokenizer)
+    if template_summary is not None:
+      # The template's special tokens the tokenizer reads as text, not as their one id.
+      template_summary["special_tokens_as_text"] = {
+          token: len(tokenizer.encode(token))
+          for token in template_summary["special_tokens_in_text"]
+          if len(tokenizer.encode(token)) != 1}
   write_json(out / "summary.json", summary)
   return summary
 
@@ -285,11 +478,12 @@ def write_json(path: pathlib.Path, value: dict) -> None:
 
 
 def count_boundary_cases(files: dict[str, list[dict]], separator: str, kind: str,
-                         path: str) -> dict:
+                         path: str, tokenizer=None) -> dict:
   """Per file, the (prompt, response) pairs whose joined text's ids do not start with the
   prompt's own ids (a BPE merge across the boundary; `formatting.encode_pair`)."""
   from instructjax.data import formatting, tokenizers
-  tokenizer = tokenizers.make_tokenizer(kind, path or None)
+  if tokenizer is None:
+    tokenizer = tokenizers.make_tokenizer(kind, path or None)
   fmt = formatting.Format(separator=separator)
   counts = {}
   for name_, records_ in files.items():
@@ -397,6 +591,25 @@ def report(out: str, summary: dict, seconds: float) -> str:
   if unused["empty_prompts"]:
     lines.append(f"  empty prompts left out of the PPO / eval prompt files: "
                  f"{unused['empty_prompts']:,}")
+  if "chat_template" in summary:
+    c = summary["chat_template"]
+    rendered = ", ".join(f"{n:,} {kind}" for kind, n in c["rendered"].items() if n)
+    lines.append(f"  chat template {pathlib.Path(c['directory']) / c['file']} "
+                 f"(sha256 {c['sha256'][:12]}, {c['layout']}): rendered {rendered}")
+    for kind in KINDS:
+      if c["skipped"][kind]:
+        lines.append(f"  {kind} whose conversation the template cannot render, left out: "
+                     f"{_reasons(c['skipped'][kind])}")
+    for reason, example in c["examples"].items():
+      lines.append(f"    e.g. {reason}: {example[:300]}")
+    if c.get("special_tokens_as_text"):
+      tokens = ", ".join(f"{t} ({n} ids)" for t, n in c["special_tokens_as_text"].items())
+      lines.append(f"  WARNING: the rendered text holds special tokens the tokenizer encodes as "
+                   f"ordinary text, not as their one id: {tokens}")
+    elif c["special_tokens_in_text"] and "boundary" not in summary:
+      lines.append(f"  the rendered text holds the special tokens "
+                   f"{', '.join(c['special_tokens_in_text'])}: --tokenizer_kind / "
+                   "--tokenizer_path check that the tokenizer reads each as one id")
   if "boundary" in summary:
     b = summary["boundary"]
     cases = ", ".join(f"{f} {c['boundary_cases']:,}/{c['pairs']:,}"
@@ -446,6 +659,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--tokenizer_kind", default="",
                       help="count boundary cases with this tokenizer (as --config.tokenizer.kind)")
   parser.add_argument("--tokenizer_path", default="")
+  parser.add_argument("--chat_template", default="", metavar="CHECKPOINT_DIR",
+                      help="render every record with this checkpoint's chat template (its "
+                      "chat_template.jinja or tokenizer_config.json); the separator is then ''")
   args = parser.parse_args(argv)
   start = time.perf_counter()
   try:
@@ -454,7 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       fractions=parse_fractions(args.fractions), holdout=args.holdout,
                       max_records=args.max_records, separator=args.separator,
                       on_bad=args.on_bad, tokenizer_kind=args.tokenizer_kind,
-                      tokenizer_path=args.tokenizer_path)
+                      tokenizer_path=args.tokenizer_path, chat_template=args.chat_template)
   except InputError as e:  # bad input: one line naming the file and what is wrong
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -13,6 +13,7 @@ from instructjax.data import converters, pipeline, ranking_batches
 from instructjax.data import tokenizers as tk
 from instructjax.data.formatting import Format, encode_pair, from_config
 from instructjax.data.synthetic import SyntheticTask, TaskConfig
+from test_hf_json_tokenizer import tokenizer_json_from_gpt2_files
 
 # A tiny GPT-2-style BPE whose words carry their leading space ("Ġ"), as GPT-2's do.
 MERGES = ["Ġ I", "Ġ c", "Ġc a", "Ġca n", "Ġ h", "Ġh e", "l p", "Ġhe lp", "n t", ": Ġ",
@@ -75,6 +76,9 @@ def test_the_synthetic_default_keeps_its_ids():
 
 def _kinds(tmp_path, shared):
   kinds = {"byte": tk.make_tokenizer("byte"), "gpt2": _gpt2_files(tmp_path / "gpt2")}
+  # The same vocabulary and merges as a tokenizer.json (Llama-3 / Qwen's kind of file).
+  kinds["hf_json"] = tk.make_tokenizer(
+      "hf_json", tokenizer_json_from_gpt2_files(tmp_path / "gpt2", tmp_path / "hf_json"))
   if shared is not None:
     kinds["gpt2 (shared)"] = tk.make_tokenizer("gpt2", shared / "gpt2_tokenizer")
     kinds["sentencepiece"] = tk.make_tokenizer("sentencepiece",
@@ -88,10 +92,14 @@ def test_every_kind_trains_on_ids_that_decode_to_the_formatted_text(tmp_path, fm
   (SentencePiece's test model maps newlines to its unknown piece, as it does in the joined
   text)."""
   shared = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+  seen = {}
   for name, tokenizer in _kinds(tmp_path, shared if shared.is_dir() else None).items():
     for prompt, response in DIALOGUE:
       pair = encode_pair(tokenizer, fmt, prompt, response)
       ids, joined = pair.prompt_ids + pair.response_ids, fmt.join(prompt, response)
+      seen[name, prompt] = pair
+      if name == "hf_json":  # tokenizer.json of the same vocabulary: GPT-2's very pairs
+        assert pair == seen["gpt2", prompt], (prompt, response)
       assert pair.exact or name != "byte"
       if pair.exact:
         assert ids == tokenizer.encode(joined), (name, prompt, response)

@@ -369,3 +369,175 @@ def test_real_datasets(shared_data, tmp_path):
     if name == "summarize_from_feedback":
       assert all(r["prompt"].endswith("TL;DR:") for r in files["sft/train.jsonl"])
   assert time.perf_counter() - start < 20
+
+
+# ------------------------------------------------------------------------------------ chat templates
+
+# ChatML as Qwen2-Instruct writes it, without the default system message.
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+          "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def chatml(*turns, generation_prompt=True):
+  """The ChatML text of (role, content) turns."""
+  text = "".join(f"<|im_start|>{role}\n{content}<|im_end|>\n" for role, content in turns)
+  return text + ("<|im_start|>assistant\n" if generation_prompt else "")
+
+
+def write_checkpoint(directory, template=CHATML):
+  """A checkpoint directory with only what --chat_template reads: tokenizer_config.json."""
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / "tokenizer_config.json").write_text(json.dumps({
+      "chat_template": template, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+      "added_tokens_decoder": {
+          "0": {"content": "<|endoftext|>", "special": True},
+          "1": {"content": "<|im_start|>", "special": True},
+          "2": {"content": "<|im_end|>", "special": True}}}), encoding="utf-8")
+  return directory
+
+
+def bad_conversations():
+  """HH pairs the converters take but a chat template cannot: two user turns in a row, and
+  text before the first turn."""
+  return [{"chosen": f"{H} a{H} b{A} c", "rejected": f"{H} a{H} b{A} d"},
+          {"chosen": f"Intro{H} x{A} good", "rejected": f"Intro{H} x{A} bad"}]
+
+
+def check_template_run(out, summary, printed, template=CHATML):
+  files = read_outputs(out)
+  check_disjoint(files)
+  assert json.loads((out / "format.json").read_text()) == {"separator": ""}
+  assert summary["separator"] == ""
+  c = summary["chat_template"]
+  assert c["file"] == "tokenizer_config.json"
+  assert c["sha256"] == __import__("hashlib").sha256(template.encode()).hexdigest()
+  assert "--config.format.separator=''" in printed and "separator=' '" not in printed
+  # What the converters wrote = what was rendered (and written once) + what was left out.
+  for kind in ("demonstrations", "rankings"):
+    written = sum(item[kind]["written"] for item in summary["inputs"] if kind in item)
+    assert written == (summary["records"][kind] + summary["duplicates"][kind]
+                       + sum(c["skipped"][kind].values()))
+    assert c["rendered"][kind] == summary["records"][kind]
+  for name, (kind, _) in prepare_data.FILES.items():
+    for record in files[name]:
+      assert record["prompt"].startswith("<|im_start|>user\n"), record
+      assert record["prompt"].endswith("<|im_end|>\n<|im_start|>assistant\n"), record
+      for response in record.get("responses", [record.get("completion", "<|im_end|>\n")]):
+        assert response.endswith("<|im_end|>\n") and "<|im_start|>" not in response
+  return files
+
+
+def test_chat_template_renders_hh_dialogues_and_counts_what_it_cannot(tmp_path, capsys):
+  ckpt = write_checkpoint(tmp_path / "ckpt")
+  path = write_jsonl(tmp_path / "hh.jsonl", hh_rows() + bad_conversations())
+  summary = run("hh_rlhf", [path], tmp_path / "out", "--chat_template", str(ckpt),
+                "--fractions", "sft=0.5,rm=0.5", "--holdout", "0")
+  printed = capsys.readouterr().out
+  files = check_template_run(tmp_path / "out", summary, printed)
+  c = summary["chat_template"]
+  refused = {"roles_do_not_alternate": 1, "text_before_first_turn": 1}
+  assert c["skipped"] == {"demonstrations": refused, "rankings": refused, "prompts": {}}
+  assert set(c["examples"]) == set(refused) and "roles must alternate" in printed
+  assert c["layout"] == "dialogue" and c["special_tokens_in_text"]["<|im_start|>"] > 0
+  # Every conversation the converters read, but the two, is rendered and written.
+  assert c["rendered"] == {"demonstrations": 42, "rankings": 41, "prompts": 0}
+  assert set(summary["unused"]["demonstrations"]) == {"rm"}  # RM-set prompts' demonstrations
+  prompt = chatml(("user", "Hi, question 3?"), ("assistant", "Hello."),
+                  ("user", "Tell me about thing 3."))
+  demos = {(d["prompt"], d["completion"]) for d in files["sft/train.jsonl"]}
+  rankings_ = {r["prompt"]: r for r in files["rm/train.jsonl"]}
+  assert ((prompt, "Thing 3 is nice.<|im_end|>\n") in demos or
+          rankings_[prompt]["responses"] == ["Thing 3 is nice.<|im_end|>\n", "No.<|im_end|>\n"])
+  # The split is by the rendered prompt: the stages read these files as they are.
+  for name, (kind, _) in prepare_data.FILES.items():
+    if kind == "demonstrations":
+      assert len(list(records.read_demonstrations(tmp_path / "out" / name))) == len(files[name])
+    elif kind == "rankings" and files[name]:
+      assert rankings.read_rankings(tmp_path / "out" / name)[1].written == len(files[name])
+
+
+def test_chat_template_renders_open_assistant_threads(tmp_path, capsys):
+  ckpt = write_checkpoint(tmp_path / "ckpt")
+  inputs = dataset_inputs(tmp_path, "open_assistant")
+  summary = run("open_assistant", inputs, tmp_path / "out", "--chat_template", str(ckpt),
+                "--fractions", "sft=1", "--holdout", "0")
+  files = check_template_run(tmp_path / "out", summary, capsys.readouterr().out)
+  demos = {(d["prompt"], d["completion"]) for d in files["sft/train.jsonl"]}
+  assert (chatml(("user", "How do I do task 4?")), "The best way to do 4.<|im_end|>\n") in demos
+  assert (chatml(("user", "How do I do task 4?"), ("assistant", "Do it this way (4)."),
+                 ("user", "And then 4?")), "Then finish 4.<|im_end|>\n") in demos
+  assert len(demos) == 30 and summary["chat_template"]["skipped"]["demonstrations"] == {}
+
+
+@pytest.mark.parametrize("name", ["summarize_from_feedback", "gsm8k", "generic"])
+def test_chat_template_single_turn_prompts(tmp_path, capsys, name):
+  """TL;DR posts and GSM8K questions are one user turn; a generic prompt is a dialogue when it
+  is in the HH layout, one user turn otherwise."""
+  ckpt = write_checkpoint(tmp_path / "ckpt")
+  inputs = dataset_inputs(tmp_path, name)
+  if name == "generic":
+    inputs.append(write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"{H} Hi {i}.{A} Hello.{H} Bye?{A}", "chosen": f" Bye {i}.", "rejected": "No."}
+        for i in range(6)]))
+  summary = run(name, inputs, tmp_path / "out", "--chat_template", str(ckpt),
+                "--fractions", "sft=1", "--holdout", "0")
+  files = check_template_run(tmp_path / "out", summary, capsys.readouterr().out)
+  assert summary["chat_template"]["layout"] == prepare_data.CHAT_LAYOUTS[name]
+  demos = {(d["prompt"], d["completion"]) for d in files["sft/train.jsonl"]}
+  if name == "summarize_from_feedback":
+    post = "SUBREDDIT: r/relationships\nTITLE: Title 1\nPOST: My post number 1.\nTL;DR:"
+    assert (chatml(("user", post)), "summary b 1<|im_end|>\n") in demos
+  elif name == "gsm8k":
+    assert (chatml(("user", "Tom has 5 apples and buys 2 more. How many now?")),
+            "Tom has 5 + 2 = <<5+2=7>>7 apples.\n#### 7<|im_end|>\n") in demos
+  else:
+    assert (chatml(("user", "Demo prompt 2:")), "answer 2<|im_end|>\n") in demos
+    assert (chatml(("user", "Hi 3."), ("assistant", "Hello."), ("user", "Bye?")),
+            "Bye 3.<|im_end|>\n") in demos
+    # Prompt-only records are rendered with the generation prompt too (unused: SFT only here).
+    assert summary["chat_template"]["rendered"]["prompts"] == 12
+
+
+def test_chat_template_refusals_are_counted_and_a_template_that_refuses_all_is_an_error(
+    tmp_path, capsys):
+  refusing = ("{% for m in messages %}{% if 'thing 7' in m['content'] %}"
+              "{{ raise_exception('no thing 7 here') }}{% endif %}{% endfor %}" + CHATML)
+  ckpt = write_checkpoint(tmp_path / "ckpt", refusing)
+  path = write_jsonl(tmp_path / "hh.jsonl", hh_rows())
+  summary = run("hh_rlhf", [path], tmp_path / "out", "--chat_template", str(ckpt))
+  c = summary["chat_template"]
+  assert c["skipped"]["demonstrations"] == {"template_refused": 1}
+  assert c["skipped"]["rankings"] == {"template_refused": 1}
+  assert "no thing 7 here" in c["examples"]["template_refused"]
+  assert "template_refused 1" in capsys.readouterr().out
+
+  def fails(ckpt_dir, *extra):
+    code = prepare_data.main(["hh_rlhf", "--in", str(path), "--out", str(tmp_path / "o"),
+                              "--chat_template", str(ckpt_dir), *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    return err
+
+  everything = write_checkpoint(tmp_path / "all", "{{ raise_exception('never') }}")
+  assert "cannot render a one-turn conversation" in fails(everything)
+  only_first = write_checkpoint(tmp_path / "first", (
+      "{% if messages|length > 1 %}{{ raise_exception('one turn only') }}{% endif %}" + CHATML))
+  assert "used on no conversation (template_refused" in fails(only_first)
+  (tmp_path / "none").mkdir()
+  (tmp_path / "none" / "tokenizer_config.json").write_text("{}")
+  assert "has no chat template" in fails(tmp_path / "none")
+  assert "is not a directory" in fails(tmp_path / "missing")
+  assert "leave --separator out" in fails(ckpt, "--separator", " ")
+  assert "does not parse" in fails(write_checkpoint(tmp_path / "broken", "{% for %}"))
+
+
+def test_chat_template_special_tokens_a_tokenizer_reads_as_text_are_reported(tmp_path, capsys):
+  ckpt = write_checkpoint(tmp_path / "ckpt")
+  path = write_jsonl(tmp_path / "hh.jsonl", hh_rows())
+  summary = run("hh_rlhf", [path], tmp_path / "out", "--chat_template", str(ckpt),
+                "--tokenizer_kind", "byte")
+  c = summary["chat_template"]
+  assert c["special_tokens_as_text"] == {"<|im_end|>": 10, "<|im_start|>": 12}
+  assert "WARNING" in capsys.readouterr().out
+  assert all(f["boundary_cases"] == 0 for f in summary["boundary"]["files"].values())
