@@ -1,7 +1,8 @@
 """The one entry point: `python -m experiments.run --config experiments/configs/X.py[:arg] --workdir DIR`.
 
 It parses the config (locked: a mistyped `--config.field=value` is an error) and hands it to the
-stage named by `config.stage`. Re-running the same command on the same workdir resumes.
+stage named by `config.stage`. Re-running the same command on the same workdir resumes; a
+pipeline refuses stages whose config changed, and `--rerun=STAGE[,STAGE]` runs them again.
 """
 import os
 import sys
@@ -12,6 +13,10 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
+_RERUN = flags.DEFINE_list(
+    "rerun", [], "Pipeline only: stages to delete from the workdir and run again with this "
+    "config, with every stage built from them (e.g. --rerun=sft reruns SFT, the RM, both PPO "
+    "runs and the evaluation).")
 
 
 def _parse_flags(argv):
@@ -44,8 +49,12 @@ def main(argv):
     runner = stages.stage_runner(config.stage)
   except ValueError as e:
     raise app.UsageError(str(e))
+  if _RERUN.value and config.stage != "pipeline":
+    raise app.UsageError("--rerun is for a pipeline config (config.stage='pipeline'); a single "
+                         "stage resumes its workdir, or starts afresh in a new one")
+  kwargs = {"rerun": _RERUN.value} if config.stage == "pipeline" else {}
   try:
-    runner(config, _WORKDIR.value)
+    runner(config, _WORKDIR.value, **kwargs)
   except InputError as e:  # bad input: one clear line, no traceback from inside jax
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -74,8 +74,9 @@ def get_config(arg: str = "tiny"):
     c.data.num_train_prompts = 16_000
     c.data.num_eval_prompts = 1_024
     c.data.max_k = 9
-    c.data.seq_len, c.data.max_prompt_len = 160, 128
-    c.sampling.prompt_len = 128
+    # PPO's small sampling (128 + 48): the RM is trained and normalised on what PPO draws.
+    c.data.seq_len, c.data.max_prompt_len = 176, 128
+    c.sampling.prompt_len, c.sampling.max_new_tokens = 128, 48
     c.optimizer.lr = 1e-4
   c.lock()
   return c

@@ -69,16 +69,34 @@ class Policy:
 # Config and loading.
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
+def _given(config) -> list[str]:
   given = [name for name in CHECKPOINT_PATHS if config.models[name]]
   if not given:
     raise InputError("config.models", "names no model; give at least one workdir, e.g. "
                      "--config.models.sft=/tmp/sft")
-  for name in given:
+  return given
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The workdirs the config names exist (a pipeline checks `check_settings` before its earlier
+  stages have made them, and this when the evaluation starts)."""
+  for name in _given(config):
     if not os.path.isdir(config.models[name]):
       raise InputError(f"config.models.{name}", f"{config.models[name]} is not a directory")
   if config.reward_from and not os.path.isdir(config.reward_from):
     raise InputError("config.reward_from", f"{config.reward_from} is not a directory")
+
+
+def check_settings(config: ml_collections.ConfigDict, layout: common.Layout, model_cfg=None,
+                   trained=None) -> None:
+  """Every setting the evaluation uses, checked before any model is loaded or sampled: the
+  values below, the batch sizes over the mesh, and for each model it evaluates, its sampling
+  (prompt_len + max_new_tokens, also the KL's and the reference's; GPT-prompted's
+  few_shot.prompt_len) and pretraining-loss rows within its positions. Each model's ModelConfig
+  comes from its workdir's config.json (tokenizer checked by content), or `trained[workdir]` for
+  a model a pipeline has still to train. `model_cfg` is unused: each model has its own."""
+  del model_cfg
+  given = _given(config)
   if config.num_prompts < 1:
     raise InputError("config.num_prompts", f"must be >= 1, got {config.num_prompts}")
   if config.rm_train_rankings < 0:
@@ -91,6 +109,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise InputError("config.ptx_eval.source",
                      f"{config.ptx_eval.source!r} is not 'synthetic', 'files' or 'none'")
   evaluation.z_value(config.confidence)  # raises for a confidence outside (0, 1)
+  from instructjax.trainers import stages
+  s, e = config.sampling, config.ptx_eval
+  tokenizer = common.tokenizer_from_config(config)
+  for name in given:
+    workdir = config.models[name]
+    cfg = (trained or {}).get(workdir) or model_config_of(name, workdir, config, tokenizer)
+    try:
+      stages.check_sampling(s, layout, cfg, greedy=config.greedy)
+      if name == "gpt" and config.few_shot.n_shots > 0:  # GPT-prompted
+        common.check_seq_len(cfg, config.few_shot.prompt_len + s.max_new_tokens,
+                             f"config.few_shot.prompt_len {config.few_shot.prompt_len} + "
+                             f"config.sampling.max_new_tokens {s.max_new_tokens}")
+      if e.source != "none":
+        common.check_seq_len(cfg, e.seq_len, "config.ptx_eval.seq_len")
+        parallel.check_global_batch(e.batch_size, layout.mesh, "config.ptx_eval.batch_size",
+                                    rules=layout.rules)
+    except InputError as error:
+      raise InputError(error.where, f"{error.problem} (model {name}: {workdir})") from None
 
 
 def model_config_of(name: str, workdir: str, config, tokenizer: Tokenizer):
@@ -459,8 +495,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   models and writes report.json, report.md and the plots into `workdir`; returns the results."""
   check_config(config)
   layout = common.Layout.from_config(config)
-  parallel.check_global_batch(config.sampling.batch_size, layout.mesh,
-                              "config.sampling.batch_size", rules=layout.rules)
+  check_settings(config, layout)
   tokenizer = common.tokenizer_from_config(config)
   task = synthetic_task(config)
   prompts = task.prompts(config.num_prompts, config.split)

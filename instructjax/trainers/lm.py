@@ -52,6 +52,19 @@ def datasets(config, workdir, tokenizer, local_batch, stats):
   return train_ds, eval_data_fn
 
 
+def check_settings(config, layout: common.Layout, model_cfg, trained=None) -> None:
+  """Every setting the stage uses after step 0, checked before it: the rows fit the model, the
+  batch fits the mesh, the cadence, and for SFT on the synthetic task the final gold-score
+  evaluation's sampling (`sft_eval.check_settings`)."""
+  del trained  # a language-modelling stage reads no other workdir's model
+  from instructjax.trainers import sft_eval
+  common.check_seq_len(model_cfg, config.data.seq_len)
+  parallel.check_global_batch(config.batch_size, layout.mesh, rules=layout.rules)
+  loop.check_cadence(config)
+  if config.stage == "sft" and config.data.source == "synthetic":
+    sft_eval.check_settings(config, layout, model_cfg)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str,
           extra_eval: Callable[..., dict[str, float]] | None = None) -> dict[str, Any]:
   """Runs (or resumes) a pretraining or SFT stage in `workdir`; returns the final metrics.
@@ -62,7 +75,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
   layout = common.Layout.from_config(config)
   tokenizer = common.tokenizer_from_config(config)
   model_cfg = common.model_config(config, tokenizer)
-  common.check_seq_len(model_cfg, config.data.seq_len)
+  check_settings(config, layout, model_cfg)
   local_batch = parallel.check_global_batch(config.batch_size, layout.mesh, rules=layout.rules)
   schedule, optimizer = common.make_optimizer(config.optimizer, config.steps)
   stats = pipeline.PipelineStats()

@@ -135,6 +135,31 @@ def check_config(config, cfg: ppo.PPOConfig, layout: common.Layout) -> None:
                                 "config.sampling.batch_size", rules=layout.rules)
 
 
+def check_settings(config, layout: common.Layout, model_cfg, trained=None) -> None:
+  """Everything the stage uses after step 0, checked before it: `check_config`, the cadence,
+  rollouts (prompt_len + max_new_tokens) within the policy's positions and the reward model's
+  (which scores them; read from `reward_from`'s config.json, or `trained[reward_from]` for a
+  reward model a pipeline has still to train), the ptx rows, and the held-out greedy evaluation
+  on the synthetic task (`sft_eval.check_settings`)."""
+  cfg = ppo_config(config)
+  check_config(config, cfg, layout)
+  loop.check_cadence(config)
+  s = config.sampling
+  rollout, where = s.prompt_len + s.max_new_tokens, "config.sampling.prompt_len + max_new_tokens"
+  common.check_seq_len(model_cfg, rollout, where)
+  if config.reward_source == "model" or config.ppo.value_init == "reward":
+    reward_cfg = (trained or {}).get(config.reward_from)
+    stored = None if reward_cfg else workdirs.read_config(config.reward_from)
+    if stored is not None:
+      reward_cfg = common.ran_with(stored, common.tokenizer_from_config(stored))
+    if reward_cfg is not None:
+      common.check_seq_len(reward_cfg, rollout, f"{where} (scored by the reward model)")
+  if config.ptx.source != "none":
+    common.check_seq_len(model_cfg, config.ptx.seq_len, "config.ptx.seq_len")
+  if config.data.source == "synthetic":
+    sft_eval.check_settings(config, layout, model_cfg)
+
+
 def make_optimizers(config, total_steps: int):
   """One AdamW per model (the value model's lr is `value_lr`, default the policy's)."""
   optimizers, schedules = {}, {}
@@ -591,13 +616,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) PPO-ptx in `workdir` for `config.iterations`; returns the final metrics."""
   cfg = ppo_config(config)
   layout = common.Layout.from_config(config)
-  check_config(config, cfg, layout)
   tokenizer = common.tokenizer_from_config(config)
   model_cfg = common.model_config(config, tokenizer)
-  common.check_seq_len(model_cfg, config.sampling.prompt_len + config.sampling.max_new_tokens,
-                       "config.sampling.prompt_len + max_new_tokens")
-  if config.ptx.source != "none":
-    common.check_seq_len(model_cfg, config.ptx.seq_len, "config.ptx.seq_len")
+  check_settings(config, layout, model_cfg)
   task = synthetic_task(config) if config.data.source == "synthetic" else None
   minibatches = cfg.ppo_epochs * cfg.num_minibatches
   optimizers, schedules = make_optimizers(config, config.iterations * minibatches)

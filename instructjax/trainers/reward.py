@@ -109,6 +109,28 @@ def check_data_config(config) -> None:
   comparisons.check_k_range(d.min_k, d.max_k)
 
 
+def check_settings(config, layout: common.Layout, model_cfg, trained=None) -> None:
+  """Every setting the stage uses after step 0, checked before it (and before any comparison is
+  collected): the data section, the rows fit the model, the batch fits the mesh, the cadence,
+  and what the end of the run needs — the normalisation samples the SFT policy (`init_from`,
+  whose architecture `model_cfg` is) with `config.sampling` and scores the samples in batches of
+  `sampling.batch_size`. Synthetic comparisons sample the same policy the same way."""
+  del trained  # the policy sampled is the one `model_cfg` describes
+  from instructjax.trainers import stages
+  check_data_config(config)
+  common.check_seq_len(model_cfg, config.data.seq_len)
+  parallel.check_global_batch(config.batch_size, layout.mesh, rules=layout.rules)
+  loop.check_cadence(config)
+  if config.init_from and (config.normalise or config.data.source == "synthetic"):
+    stages.check_sampling(config.sampling, layout, model_cfg)
+  if config.normalise:
+    parallel.check_global_batch(config.sampling.batch_size, layout.mesh,
+                                "config.sampling.batch_size", rules=layout.rules)
+    if config.normalisation_prompts < 1:
+      raise InputError("config.normalisation_prompts",
+                       f"must be >= 1 to fit the normalisation, got {config.normalisation_prompts}")
+
+
 def mean_pairs(source) -> float:
   """Average comparisons per training element (for the pairs/s throughput)."""
   total = sum(len(rankings.pairs(ranking_batches.ranking_record(source[i])["ranks"]))
@@ -332,11 +354,10 @@ def fit_normalisation(config, layout, tokenizer, model_cfg, task, train_source, 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) the reward-model stage in `workdir`; returns the final metrics."""
-  check_data_config(config)
   layout = common.Layout.from_config(config)
   tokenizer = common.tokenizer_from_config(config)
   model_cfg = common.model_config(config, tokenizer)
-  common.check_seq_len(model_cfg, config.data.seq_len)
+  check_settings(config, layout, model_cfg)
   local_batch = parallel.check_global_batch(config.batch_size, layout.mesh, rules=layout.rules)
   schedule, optimizer = common.make_optimizer(config.optimizer, config.steps)
   if not config.init_from:

@@ -27,6 +27,16 @@ def gold_score_eval(config, task, params, model, tokenizer, layout, *, prompts=N
               eval_response_length=float(np.mean([len(c.tokens) for c in completions])))
 
 
+def check_settings(config, layout, model_cfg) -> None:
+  """What `gold_score_eval` will use, checked before the stage trains: greedy sampling of
+  `config.sampling` on the model (`stages.check_sampling`) and at least one prompt."""
+  from instructjax.errors import InputError
+  from instructjax.trainers import stages
+  stages.check_sampling(config.sampling, layout, model_cfg, greedy=True)
+  if config.eval_samples < 1:
+    raise InputError("config.eval_samples", f"must be >= 1, got {config.eval_samples}")
+
+
 def for_config(config):
   """The extra evaluation of an SFT run, or None when the data is not the synthetic task."""
   if config.data.source != "synthetic":
