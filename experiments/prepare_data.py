@@ -454,7 +454,14 @@ def prepare(name: str, inputs: Sequence[str], out: str | os.PathLike, *, seed: i
     summary["chat_template"] = template_summary
   if tokenizer_kind:
     from instructjax.data import tokenizers
+    # Rendered chat text spells the template's tokens; the stages read them as tokens
+    # (--config.tokenizer.special_tokens_in_text, printed with the flags), and so does the check.
     tokenizer = tokenizers.make_tokenizer(tokenizer_kind, tokenizer_path or None)
+    if _reads_special_tokens(summary):
+      try:
+        tokenizer = tokenizer.reading_special_tokens()
+      except InputError:
+        pass  # a tokenizer without such tokens: the warning below names what it splits
     summary["boundary"] = count_boundary_cases(files, separator, tokenizer_kind, tokenizer_path,
                                                tokenizer=tokenizer)
     if template_summary is not None:
@@ -515,12 +522,19 @@ def _quote(text: str) -> str:
   return shlex.quote(text)
 
 
+def _reads_special_tokens(summary: dict) -> bool:
+  """Whether the records hold a chat template's special tokens as text."""
+  return bool(summary.get("chat_template", {}).get("special_tokens_in_text"))
+
+
 def stage_flags(out: str, summary: dict) -> list[tuple[str, str]]:
   """(stage, flags) reading DIR, for experiments/configs/{sft,reward,ppo,evaluate}.py."""
   def path(name_):
     return _quote(str(pathlib.Path(out) / name_))
   n = summary["files"]
   fmt = f"--config.format.separator={_quote(summary['separator'])}"
+  if _reads_special_tokens(summary):
+    fmt += " --config.tokenizer.special_tokens_in_text=True"
   lines = []
 
   def files_flags(prefix):

@@ -300,3 +300,23 @@ def test_a_tokenizer_json_without_any_eos_is_refused(tmp_path):
     tk.make_tokenizer("hf_json", json_dir)
   (json_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|end|>"}))
   assert tk.make_tokenizer("hf_json", json_dir).eos_id == 265
+
+
+def test_special_tokens_in_text_read_a_chat_templates_markers_as_their_ids(tmp_path):
+  """Off by default (dataset text cannot inject them); with special_tokens_in_text, as for
+  records a chat template rendered, the markers are the checkpoint's own ids, and the
+  fingerprint tells the two readings apart."""
+  from instructjax.data.formatting import Format, encode_pair
+  json_dir = tokenizer_json_from_gpt2_files(_write_gpt2_files(tmp_path / "gpt2"), tmp_path / "j")
+  ids = _with_added_tokens(json_dir)
+  plain = tk.make_tokenizer("hf_json", json_dir)
+  chat = tk.make_tokenizer("hf_json", json_dir, special_tokens_in_text=True)
+  prompt, response = "<|start|>user\nhello<|pad|>\n<|start|>assistant\n", "the world<|pad|>"
+  assert ids["<|start|>"] not in plain.encode(prompt)
+  encoded = chat.encode(prompt + response)
+  assert encoded.count(ids["<|start|>"]) == 2 and encoded.count(ids["<|pad|>"]) == 2
+  assert chat.fingerprint != plain.fingerprint
+  pair = encode_pair(chat, Format(), prompt, response)
+  assert pair.exact and pair.prompt_ids + pair.response_ids == encoded
+  with pytest.raises(InputError, match="special_tokens_in_text"):
+    tk.make_tokenizer("byte", special_tokens_in_text=True)

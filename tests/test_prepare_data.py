@@ -539,5 +539,8 @@ def test_chat_template_special_tokens_a_tokenizer_reads_as_text_are_reported(tmp
                 "--tokenizer_kind", "byte")
   c = summary["chat_template"]
   assert c["special_tokens_as_text"] == {"<|im_end|>": 10, "<|im_start|>": 12}
-  assert "WARNING" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "WARNING" in out
+  # The stages read the template's tokens as tokens (a tokenizer that has them).
+  assert "--config.tokenizer.special_tokens_in_text=True" in out
   assert all(f["boundary_cases"] == 0 for f in summary["boundary"]["files"].values())

@@ -90,7 +90,9 @@ def base_config(stage: str) -> config_dict.ConfigDict:
   c.distributed = False       # or INSTRUCTJAX_DISTRIBUTED=1: jax.distributed.initialize()
   c.mesh = config_dict.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.sharding_rules = [list(rule) for rule in parallel.DEFAULT_RULES]
-  c.tokenizer = config_dict.ConfigDict(dict(kind="byte", path=""))
+  # special_tokens_in_text: records rendered by a chat template (prepare_data --chat_template)
+  # spell the template's tokens (<|im_start|>) as text; True reads them as those tokens.
+  c.tokenizer = config_dict.ConfigDict(dict(kind="byte", path="", special_tokens_in_text=False))
   # How a prompt and a response join into one text before tokenising (`formatting.Format`):
   # `--config.format.separator=' '` for HH-RLHF / TL;DR prompts (prepare_data's format.json).
   c.format = section_from_dataclass(Format)

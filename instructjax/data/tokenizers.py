@@ -17,6 +17,7 @@ their files are (`difference`).
 from __future__ import annotations
 
 import abc
+import copy
 import functools
 import hashlib
 import json
@@ -68,6 +69,13 @@ class Tokenizer(abc.ABC):
   def _content(self) -> bytes:
     """Bytes that determine `encode`, `decode` and the special ids (hashed by `fingerprint`)."""
     raise NotImplementedError(f"{type(self).__name__} cannot be compared by content")
+
+  def reading_special_tokens(self) -> "Tokenizer":
+    """This tokenizer recognising its special tokens' text (`<|im_start|>`, `<|eot_id|>`) as
+    those tokens: for text a chat template rendered. Off by default, so dataset text cannot
+    inject them. Only byte-level BPE tokenizers carry such tokens."""
+    raise InputError("config.tokenizer.special_tokens_in_text",
+                     f"{type(self).__name__} has no special tokens written as text")
 
   @property
   def special_ids(self) -> frozenset[int]:
@@ -232,6 +240,7 @@ class ByteLevelBPETokenizer(Tokenizer):
     self._literal = {i: content.encode("utf-8") for content, i in added.items()
                      if content not in vocab}
     self._id_bytes: dict[int, bytes] = {}  # filled by decode
+    self._added = added
     self._matched = {content: added[content] for content in matched_in_text}
     self._matched_pattern = _alternation(self._matched)
     self._byte_encoder = bytes_to_unicode()
@@ -267,6 +276,13 @@ class ByteLevelBPETokenizer(Tokenizer):
           i += 1
       parts = tuple(merged)
     return parts
+
+  def reading_special_tokens(self) -> "ByteLevelBPETokenizer":
+    twin = copy.copy(self)  # shares the vocabulary, merges and BPE cache
+    twin._matched = dict(self._added)
+    twin._matched_pattern = _alternation(twin._matched)
+    twin.__dict__.pop("fingerprint", None)  # it encodes differently: its own fingerprint
+    return twin
 
   def _segments(self, text: str) -> Iterator[tuple[str, int | None]]:
     """(text, None) runs for BPE, and (content, id) for each added token found in the text."""
@@ -693,7 +709,8 @@ class SentencePieceTokenizer(Tokenizer):
 TOKENIZER_KINDS = ("byte", "gpt2", "hf_json", "sentencepiece")
 
 
-def make_tokenizer(kind: str = "byte", path: str | pathlib.Path | None = None) -> Tokenizer:
+def make_tokenizer(kind: str = "byte", path: str | pathlib.Path | None = None,
+                   special_tokens_in_text: bool = False) -> Tokenizer:
   """Builds a tokenizer from a config.
 
   Args:
@@ -703,10 +720,17 @@ def make_tokenizer(kind: str = "byte", path: str | pathlib.Path | None = None) -
       the file itself) or "sentencepiece" (`path` is a .model file, or a directory holding
       tokenizer.model).
     path: where the tokenizer's files are.
+    special_tokens_in_text: read special-token text as those tokens (`reading_special_tokens`),
+      for records a chat template rendered.
 
   Raises:
     InputError: unknown kind, or missing / unreadable files (the message names the path).
   """
+  tokenizer = _read_tokenizer(kind, path)
+  return tokenizer.reading_special_tokens() if special_tokens_in_text else tokenizer
+
+
+def _read_tokenizer(kind: str, path: str | pathlib.Path | None) -> Tokenizer:
   if kind not in TOKENIZER_KINDS:
     raise InputError("tokenizer kind", f"unknown kind {kind!r}; expected one of {TOKENIZER_KINDS}")
   if kind == "byte":
@@ -730,9 +754,11 @@ def make_tokenizer(kind: str = "byte", path: str | pathlib.Path | None = None) -
   return SentencePieceTokenizer(path)
 
 
-def _spec(section: Mapping[str, Any]) -> tuple[str, str]:
-  """(kind, path) of a config's tokenizer section; "" and None paths are the same."""
-  return section.get("kind") or "byte", str(section.get("path") or "")
+def _spec(section: Mapping[str, Any]) -> tuple[str, str, bool]:
+  """(kind, path, special_tokens_in_text) of a config's tokenizer section; "" and None paths
+  are the same."""
+  return (section.get("kind") or "byte", str(section.get("path") or ""),
+          bool(section.get("special_tokens_in_text", False)))
 
 
 def difference(tokenizer: Tokenizer, section: Mapping[str, Any],

@@ -48,7 +48,8 @@ class ModelHandle:
 
 
 def tokenizer_from_config(config: ml_collections.ConfigDict) -> Tokenizer:
-  return make_tokenizer(config.tokenizer.kind, config.tokenizer.path or None)
+  return make_tokenizer(config.tokenizer.kind, config.tokenizer.path or None,
+                        config.tokenizer.get("special_tokens_in_text", False))
 
 
 RESOLVED_MODEL = "resolved_model"  # config.json: the ModelConfig the stage ran with
