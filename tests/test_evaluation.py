@@ -220,14 +220,14 @@ def restored_lm_params(workdir, path=("params",)):
 
 
 @pytest.fixture(scope="module")
-def workdirs(tmp_path_factory):
-  """Tiny GPT and SFT runs; PPO and PPO-ptx in the PPO checkpoint layout with known policies
-  (PPO = SFT's parameters, PPO-ptx = GPT's) and metrics; a reward model with a known
-  normalisation."""
+def workdirs(tiny_sft_dir, tmp_path_factory):
+  """A tiny GPT run and the session's tiny SFT run; PPO and PPO-ptx in the PPO checkpoint layout
+  with known policies (PPO = SFT's parameters, PPO-ptx = GPT's) and metrics; a reward model with
+  a known normalisation."""
   root = tmp_path_factory.mktemp("stages")
-  dirs = {name: str(root / name) for name in ("gpt", "sft", "ppo", "ppo_ptx", "rm")}
+  dirs = {name: str(root / name) for name in ("gpt", "ppo", "ppo_ptx", "rm")}
+  dirs["sft"] = tiny_sft_dir
   lm.train(tiny.lm_config("pretrain", steps=2), dirs["gpt"])
-  lm.train(tiny.lm_config("sft", steps=2), dirs["sft"])
   sft_config = tiny.lm_config("sft")
   model_cfg = common.model_config(sft_config, common.tokenizer_from_config(sft_config))
   value = nnx.to_pure_dict(nnx.split(ScalarModel(model_cfg, rngs=nnx.Rngs(3)))[1])

@@ -275,8 +275,19 @@ def test_tensorboard_loader_reads_our_file(tmp_path):
 # NaN guard.
 
 
-def test_check_finite_passes_finite_values():
-  metrics_lib.check_finite(3, {"loss": jnp.asarray(1.0), "other": math.nan})
+@pytest.mark.parametrize("value", [1.0, 0.0, -2.5, 3.4e38, 1e-45, np.float32(3.4e38),
+                                   np.float64(-1e300), jnp.asarray(1.0), jnp.asarray(-1e-30),
+                                   np.array(7.0), 5])
+def test_check_finite_passes_finite_values(value):
+  """Every finite scalar passes (huge, tiny and negative ones too), and only the checked keys
+  are looked at: a NaN elsewhere in the metrics is not the loss."""
+  metrics = {"loss": value, "other": math.nan, "grad_norm": math.inf}
+  assert metrics_lib.check_finite(3, metrics) is None
+  assert metrics_lib.check_finite(3, metrics, keys=("loss",)) is None
+  # The same metrics are refused as soon as a non-finite key is asked for: the pass above was
+  # about which keys are checked, not a check that never raises.
+  with pytest.raises(metrics_lib.NonFiniteLossError, match="'other'"):
+    metrics_lib.check_finite(3, metrics, keys=("loss", "other"))
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, jnp.asarray(jnp.nan), np.float32("-inf")])

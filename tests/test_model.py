@@ -153,10 +153,26 @@ def test_dropout_is_off_by_default_and_active_when_set():
   np.testing.assert_array_equal(c, d)
 
 
+def test_last_token_picks_each_rows_last_real_position():
+  """Against plain indexing, on values that name their own position: any other position (the
+  first real one, the last slot, a neighbour) gives a different number."""
+  values = jnp.arange(3 * 6, dtype=jnp.float32).reshape(3, 6)
+  mask = jnp.array([[0, 0, 1, 1, 1, 0],   # left and right padding
+                    [1, 1, 1, 1, 1, 1],   # none
+                    [0, 0, 0, 0, 1, 0]])  # one real token
+  expected = [float(values[b, max(t for t in range(6) if mask[b, t])]) for b in range(3)]
+  assert expected == [4.0, 11.0, 16.0]
+  np.testing.assert_array_equal(last_token(values, mask), expected)
+
+
 def test_scalar_head_reads_last_real_token_whatever_the_padding():
   graphdef, params = split(ScalarModel(tiny("gpt2"), rngs=nnx.Rngs(0)))
   tokens = jnp.array([[4, 5, 6]])
-  value = last_token(run(graphdef, params, tokens, jnp.ones_like(tokens)), jnp.ones_like(tokens))
+  per_position = run(graphdef, params, tokens, jnp.ones_like(tokens))
+  # The expectation is the head's value at the unpadded sequence's last token, by plain
+  # indexing, not by last_token itself; it must differ from the other positions' values.
+  value = per_position[:, -1]
+  assert np.all(np.abs(np.asarray(per_position[0, :-1]) - float(value[0])) > 1e-4)
   left = jnp.array([[0, 0, 4, 5, 6]]), jnp.array([[0, 0, 1, 1, 1]])
   right = jnp.array([[4, 5, 6, 0, 0]]), jnp.array([[1, 1, 1, 0, 0]])
   for toks, mask in (left, right):

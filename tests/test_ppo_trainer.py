@@ -1,6 +1,7 @@
 """The PPO-ptx stage end to end on tiny models: metrics, kill-and-resume exactness, value init,
 plain PPO without the pretraining stream, frozen models in bfloat16, the prompt pipeline and the
 config's sweep."""
+import hashlib
 import json
 import os
 
@@ -12,10 +13,10 @@ import tiny
 from experiments import sweep as sweep_lib
 from experiments.configs import ppo as ppo_configs
 from instructjax import checkpoint, parallel
-from instructjax.data import pipeline, records
+from instructjax.data import pipeline, records, synthetic
 from instructjax.data.tokenizers import make_tokenizer
 from instructjax.errors import InputError
-from instructjax.trainers import common, lm, ppo, reward, workdirs
+from instructjax.trainers import common, ppo, reward, workdirs
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,13 +38,11 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory):
-  """A tiny SFT run and a tiny reward model on it, shared by every test here."""
-  sft_dir = str(tmp_path_factory.mktemp("sft"))
-  lm.train(tiny.lm_config("sft", steps=2), sft_dir)
+def stages(tiny_sft_dir, tmp_path_factory):
+  """The session's tiny SFT run and a tiny reward model on it, shared by every test here."""
   rm_dir = str(tmp_path_factory.mktemp("rm"))
-  reward.train(tiny.reward_config(init_from=sft_dir, steps=2), rm_dir)
-  return dict(init_from=sft_dir, reward_from=rm_dir)
+  reward.train(tiny.reward_config(init_from=tiny_sft_dir, steps=2), rm_dir)
+  return dict(init_from=tiny_sft_dir, reward_from=rm_dir)
 
 
 def metrics_of(workdir):
@@ -211,22 +210,40 @@ def test_plain_ppo_with_bf16_frozen_models_and_zero_value_skips_the_ptx_stream(s
   assert extra["data"]["ptx"] is None and extra["data"]["prompts"]
 
 
-def test_gold_reward_needs_no_reward_model_and_resumes_with_its_normalisation(stages, tmp_path):
+def varied_gold_score(self, prompt, response):
+  """A stand-in for the synthetic task's gold scorer, which gives the barely trained tiny policy
+  0.0 on every response (a reward that never varies would let any normalisation pass): a fixed
+  pseudo-random score in [0, 1) per (prompt, response) text."""
+  digest = hashlib.sha256(f"{prompt}\x00{response}".encode()).digest()
+  return int.from_bytes(digest[:4], "little") / 2 ** 32
+
+
+def test_gold_reward_needs_no_reward_model_and_resumes_with_its_normalisation(stages, tmp_path,
+                                                                              monkeypatch):
+  monkeypatch.setattr(synthetic.SyntheticTask, "score", varied_gold_score)
   gold = dict(init_from=stages["init_from"], reward_source="gold", save_every=1,
               **{"ppo.ptx_coef": 0.0, "ppo.value_init": "zero"})
   unbroken, resumed = str(tmp_path / "unbroken"), str(tmp_path / "resumed")
   ppo.train(tiny.ppo_config(iterations=2, **gold), unbroken)
   train = [r for r in metrics_of(unbroken) if "loss" in r]
   saved = json.load(open(os.path.join(unbroken, ppo.GOLD_NORMALISATION)))
+  # The first rollout's scores had a spread, so the normalisation scales as well as centres, and
+  # the second rollout scored differently: its normalised score is not 0.
+  assert abs(saved["gain"] - 1.0) > 1e-3 and abs(saved["bias"]) > 1e-3, saved
+  assert abs(train[1]["gold_score"] - train[0]["gold_score"]) > 1e-3, train
   for r in train:  # The reward is the rollouts' gold score, normalised as saved.
     assert r["rm_score_raw"] == pytest.approx(r["gold_score"], abs=1e-6)
     assert r["rm_score"] == pytest.approx(saved["gain"] * r["gold_score"] + saved["bias"],
                                           abs=1e-5)
   assert train[0]["rm_score"] == pytest.approx(0.0, abs=1e-5)  # fitted on the first rollout
-  # Killed after one iteration and re-run: the normalisation is read back, the curve continues.
+  assert abs(train[1]["rm_score"]) > 1e-3
+  # Killed after one iteration and re-run: the normalisation is read back (not fitted again on
+  # the resumed run's first rollout, which would centre step 2 on 0), the curve continues.
   ppo.train(tiny.ppo_config(iterations=1, **gold), resumed)
   ppo.train(tiny.ppo_config(iterations=2, **gold), resumed)
+  assert json.load(open(os.path.join(resumed, ppo.GOLD_NORMALISATION))) == saved
   last = lambda w: [r for r in metrics_of(w) if r["step"] == 2 and "loss" in r][0]
+  assert last(resumed)["gold_score"] == last(unbroken)["gold_score"]
   assert last(resumed)["rm_score"] == last(unbroken)["rm_score"]
   with pytest.raises(InputError, match="value_init"):
     ppo.train(tiny.ppo_config(**dict(gold, **{"ppo.value_init": "reward"})), str(tmp_path / "a"))

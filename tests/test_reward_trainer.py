@@ -14,15 +14,13 @@ from instructjax.data import formatting, ranking_batches, rankings
 from instructjax.data.builders import rankings as rankings_builder
 from instructjax.data.tokenizers import make_tokenizer
 from instructjax.errors import InputError
-from instructjax.trainers import comparisons, common, lm, reward, workdirs
+from instructjax.trainers import comparisons, common, reward, workdirs
 
 
 @pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory):
-  """One tiny SFT checkpoint shared by the tests that start from it."""
-  workdir = tmp_path_factory.mktemp("sft")
-  lm.train(tiny.lm_config("sft", steps=2), str(workdir))
-  return str(workdir)
+def sft_dir(tiny_sft_dir):
+  """The session's tiny SFT checkpoint (conftest), shared by the tests that start from it."""
+  return tiny_sft_dir
 
 
 @pytest.fixture(scope="module")

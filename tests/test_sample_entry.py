@@ -3,17 +3,15 @@ import json
 
 import pytest
 
-import tiny
 from experiments.configs import sample as sample_config
 from instructjax.errors import InputError
-from instructjax.trainers import lm, sample
+from instructjax.trainers import sample
 
 
-def test_samples_from_an_sft_checkpoint_with_gold_scores(tmp_path, capsys):
-  lm.train(tiny.lm_config("sft", steps=2), str(tmp_path / "sft"))
+def test_samples_from_an_sft_checkpoint_with_gold_scores(tiny_sft_dir, tmp_path, capsys):
   config = sample_config.get_config()
   with config.unlocked():
-    config.checkpoint = str(tmp_path / "sft")
+    config.checkpoint = tiny_sft_dir
     config.num_prompts = 3
     config.sampling.prompt_len = 40
     config.sampling.max_new_tokens = 8

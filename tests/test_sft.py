@@ -16,7 +16,7 @@ from instructjax.metrics import NonFiniteLossError
 from instructjax.models.config import ModelConfig
 from instructjax.models.decoder import LanguageModel
 from instructjax.objectives import sft
-from instructjax.trainers import lm
+from instructjax.trainers import lm, loop
 
 
 def reference_cross_entropy(logits, tokens, loss_mask):
@@ -138,16 +138,49 @@ def test_sft_learns_and_writes_metrics_events_and_checkpoints(tmp_path):
   assert final["eval_perplexity"] > 1
 
 
-def test_kill_and_resume_equals_an_unbroken_run(tmp_path):
-  config = tiny.lm_config("sft", steps=6, save_every=3)
+class Killed(Exception):
+  """Stands in for the process dying."""
+
+
+def test_kill_and_resume_equals_an_unbroken_run(tmp_path, monkeypatch):
+  """The same command, killed after its step-3 checkpoint and run again, ends exactly where an
+  unbroken run does. Warmup is 1 of 6 steps, so the learning rate differs at every step after it
+  and the resumed steps must continue the schedule; nothing about the two runs is arranged to
+  agree except that they run the same command."""
+  config = tiny.lm_config("sft", steps=6, save_every=3, **{"optimizer.warmup_steps": 1})
   lm.train(config, str(tmp_path / "unbroken"))
-  interrupted = tiny.lm_config("sft", steps=3, save_every=3)  # "killed" right after step 3
-  lm.train(interrupted, str(tmp_path / "resumed"))
+
+  real_batch_steps = loop.batch_steps
+
+  def dies_after_step_3(step_fn, data_iter, layout):
+    step_fn = real_batch_steps(step_fn, data_iter, layout)
+
+    def step(state, step):
+      if step > 3:
+        raise Killed(f"killed before step {step}")
+      return step_fn(state, step)
+    return step
+
+  with monkeypatch.context() as patch:
+    patch.setattr(loop, "batch_steps", dies_after_step_3)
+    with pytest.raises(Killed):
+      lm.train(config, str(tmp_path / "resumed"))
+  # The kill left the step-3 checkpoint (a regular save, not a run's final one) and no later one.
+  assert final_params(tmp_path / "resumed", config)[0] == 3
   lm.train(config, str(tmp_path / "resumed"))  # the same command again resumes at step 3
   step_a, a = final_params(tmp_path / "unbroken", config)
   step_b, b = final_params(tmp_path / "resumed", config)
   assert step_a == step_b == 6
   jax.tree.map(np.testing.assert_array_equal, a, b)
+  # The resumed steps logged the unbroken run's losses and learning rates, and those rates moved.
+  logged = lambda run: {r["step"]: r for r in map(json.loads, open(tmp_path / run / "metrics.jsonl"))
+                        if "loss" in r}
+  unbroken, resumed = logged("unbroken"), logged("resumed")
+  for step in (4, 6):
+    assert resumed[step]["loss"] == unbroken[step]["loss"]
+    assert resumed[step]["learning_rate"] == unbroken[step]["learning_rate"]
+  rates = [unbroken[step]["learning_rate"] for step in (2, 4, 6)]
+  assert len(set(rates)) == 3, rates
 
 
 def test_resume_onto_another_mesh(tmp_path):
