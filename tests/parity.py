@@ -27,3 +27,16 @@ def require(module: str):
     error = f"{type(e).__name__}: {e}"
   pytest.fail(f"{REQUIRE_ENV} is set but {module!r} cannot be imported ({error}); the Hugging "
               "Face parity tests must run here, not be skipped", pytrace=False)
+
+
+def transformers_logits(model, tokens, mask):
+  """A transformers causal LM's float32 logits for left-padded `tokens`/`mask`, with position
+  ids counted over the real tokens (as our decoder derives them from the mask)."""
+  import numpy as np
+  torch = require("torch")
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  with torch.no_grad():
+    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
+                position_ids=torch.tensor(positions, dtype=torch.long))
+  return out.logits.float().numpy()

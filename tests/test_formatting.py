@@ -9,6 +9,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+import tiny
+
 from instructjax.data import converters, pipeline, ranking_batches
 from instructjax.data import tokenizers as tk
 from instructjax.data.formatting import Format, encode_pair, from_config
@@ -25,16 +27,7 @@ DIALOGUE = [("\n\nHuman: can you help?\n\nAssistant:", "I can help"),
 
 
 def _gpt2_files(directory: pathlib.Path) -> tk.Tokenizer:
-  directory.mkdir(parents=True, exist_ok=True)
-  vocab = {char: byte for byte, char in tk.bytes_to_unicode().items()}
-  merges = list(dict.fromkeys(MERGES))
-  for merge in merges:
-    vocab.setdefault(merge.replace(" ", ""), len(vocab))
-  vocab["<|endoftext|>"] = len(vocab)
-  (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-  (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
-                                        encoding="utf-8")
-  return tk.make_tokenizer("gpt2", directory)
+  return tk.make_tokenizer("gpt2", tiny.write_gpt2_files(directory, MERGES))
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import parity
 from instructjax.models import hf
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / "golden" / "hf_logits.npz"
@@ -148,17 +149,11 @@ def test_export_writes_back_the_same_tensors(tmp_path, flavour):
     np.testing.assert_array_equal(exported[name], value, err_msg=name)
 
 
-def transformers_logits(flavour, directory):
+def transformers_logits(directory):
   """What transformers computes for TOKENS/MASK from the checkpoint in `directory`."""
-  import torch
   import transformers
   model = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
-  positions = np.maximum(np.cumsum(MASK, axis=1) - 1, 0)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(TOKENS, dtype=torch.long),
-                attention_mask=torch.tensor(MASK, dtype=torch.long),
-                position_ids=torch.tensor(positions, dtype=torch.long))
-  return out.logits.float().numpy()
+  return parity.transformers_logits(model, TOKENS, MASK)
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
@@ -168,7 +163,7 @@ def test_golden_logits_are_what_transformers_computes(tmp_path, golden, flavour)
   parity.require("torch")
   parity.require("transformers")
   write_checkpoint(flavour, tmp_path)
-  reference = transformers_logits(flavour, tmp_path)[MASK > 0]
+  reference = transformers_logits(tmp_path)[MASK > 0]
   np.testing.assert_allclose(golden[f"{flavour}_logits"], reference, atol=1e-5, rtol=1e-5)
 
 
@@ -182,7 +177,7 @@ def regenerate(path=GOLDEN):
   for flavour in FLAVOURS:
     with tempfile.TemporaryDirectory() as directory:
       weights = write_checkpoint(flavour, directory)
-      arrays[f"{flavour}_logits"] = transformers_logits(flavour, directory)[MASK > 0]
+      arrays[f"{flavour}_logits"] = transformers_logits(directory)[MASK > 0]
       arrays[f"{flavour}_fingerprint"] = np.float64(fingerprint(weights))
   path.parent.mkdir(parents=True, exist_ok=True)
   np.savez_compressed(path, **arrays)

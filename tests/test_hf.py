@@ -429,14 +429,7 @@ def test_tokenizer_json_refusals_name_the_component(tmp_path):
 # Skipped without torch + transformers, except in CI (INSTRUCTJAX_REQUIRE_PARITY=1), where a
 # missing install fails them: see parity.py. golden/hf_logits.npz checks the forward without torch.
 
-def _hf_logits(model, tokens, mask):
-  torch = parity.require("torch")
-  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-  with torch.no_grad():
-    out = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                attention_mask=torch.tensor(mask, dtype=torch.long),
-                position_ids=torch.tensor(positions, dtype=torch.long))
-  return out.logits.float().numpy()
+_hf_logits = parity.transformers_logits
 
 
 def _transformers_model(flavour):

@@ -6,6 +6,8 @@ import pathlib
 
 import pytest
 
+import tiny
+
 from instructjax.data import tokenizers as tk
 from instructjax.errors import InputError
 
@@ -17,18 +19,8 @@ TEXTS = ["hello world", "the theme of the world", "", "  x\r\n y  \n\n", "héllo
 
 
 def _write_gpt2_files(directory: pathlib.Path) -> pathlib.Path:
-  """A tiny vocab.json + merges.txt in GPT-2's format: byte tokens first, then merges, then
-  <|endoftext|>."""
-  directory.mkdir(parents=True, exist_ok=True)
-  vocab = {char: byte for byte, char in tk.bytes_to_unicode().items()}
-  for merge in dict.fromkeys(TINY_MERGES):  # "h e" twice in TINY_MERGES is for tokenizer.json
-    vocab.setdefault(merge.replace(" ", ""), len(vocab))
-  vocab["<|endoftext|>"] = len(vocab)
-  (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-  merges = list(dict.fromkeys(TINY_MERGES))
-  (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
-                                        encoding="utf-8")
-  return directory
+  """"h e" twice in TINY_MERGES is for tokenizer.json; merges.txt keeps it once."""
+  return tiny.write_gpt2_files(directory, TINY_MERGES)
 
 
 def tokenizer_json_from_gpt2_files(gpt2_dir: pathlib.Path, out_dir: pathlib.Path,

@@ -57,12 +57,7 @@ def smoke(**overrides):
   with config.unlocked():
     for name in ALL:
       config[name].mesh.update(dict(data=1, fsdp=1, tensor=-1))
-    for key, value in overrides.items():
-      *parents, leaf = key.split(".")
-      target = config
-      for parent in parents:
-        target = target[parent]
-      target[leaf] = value
+    tiny.override(config, overrides)
   return config
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import tiny
 from experiments import prepare_data
 from experiments.configs import reward as reward_configs
 from experiments.configs import sft as sft_configs
@@ -34,15 +35,7 @@ D_MODEL = 40  # not the `tiny` config's 128: the checkpoint decides the architec
 def write_tokenizer(directory: pathlib.Path) -> tk.Tokenizer:
   """GPT-2's files (vocab.json + merges.txt) for a tiny vocabulary: 256 bytes, the merges,
   <|endoftext|>."""
-  directory.mkdir(parents=True, exist_ok=True)
-  vocab = {char: byte for byte, char in tk.bytes_to_unicode().items()}
-  for merge in MERGES:
-    vocab.setdefault(merge.replace(" ", ""), len(vocab))
-  vocab["<|endoftext|>"] = len(vocab)
-  (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-  (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n",
-                                        encoding="utf-8")
-  return tk.make_tokenizer("gpt2", directory)
+  return tk.make_tokenizer("gpt2", tiny.write_gpt2_files(directory, MERGES))
 
 
 def write_checkpoint(directory: pathlib.Path) -> tuple[pathlib.Path, tk.Tokenizer]:

@@ -7,7 +7,8 @@ TINY_MODEL = dict(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=64)
 ALL_INSTRUCTIONS = ""
 
 
-def _override(config, overrides):
+def override(config, overrides):
+  """Sets {"a.b.c": value} fields of an unlocked config."""
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split(".")
@@ -38,12 +39,7 @@ def lm_config(stage: str = "sft", **overrides):
     config.eval_batches = 2
     config.save_every = 3
     config.optimizer.warmup_steps = 2
-    for key, value in overrides.items():
-      target = config
-      *parents, leaf = key.split(".")
-      for p in parents:
-        target = target[p]
-      target[leaf] = value
+    override(config, overrides)
   return config
 
 
@@ -69,7 +65,7 @@ def reward_config(**overrides):
     config.eval_batches = 0
     config.save_every = 2
     config.optimizer.warmup_steps = 1
-    _override(config, overrides)
+    override(config, overrides)
   return config
 
 
@@ -99,5 +95,24 @@ def ppo_config(**overrides):
     config.save_every = 2
     config.eval_at_start = False
     config.optimizer.warmup_steps = 1
-    _override(config, overrides)
+    override(config, overrides)
   return config
+
+
+def write_gpt2_files(directory, merges):
+  """A tiny vocab.json + merges.txt in GPT-2's format: the 256 byte tokens, one token per merge
+  (in order, repeats once), then <|endoftext|>. Returns the directory."""
+  import json
+  import pathlib
+  from instructjax.data.tokenizers import bytes_to_unicode
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+  merges = list(dict.fromkeys(merges))
+  for merge in merges:
+    vocab.setdefault(merge.replace(" ", ""), len(vocab))
+  vocab["<|endoftext|>"] = len(vocab)
+  (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+  (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
+                                        encoding="utf-8")
+  return directory
