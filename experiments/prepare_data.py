@@ -359,8 +359,43 @@ def prepare(name: str, inputs: Sequence[str], out: str | os.PathLike, *, seed: i
     separator = ""
   separator = SEPARATORS[name] if separator is None else separator
   out = pathlib.Path(out)
+  found, duplicates, read_summary = read_inputs(name, inputs, on_bad, max_records)
 
-  # Read: every record once, exact duplicates (across files too) kept once.
+  template_summary = None
+  if chat is not None:  # Split what the model will read: the rendered records.
+    found, template_summary = render_with_template(found, chat, CHAT_LAYOUTS[name])
+    duplicates.update(template_summary["duplicates"])
+
+  files, where, unused, prompts = split_by_prompt(found, seed, fractions, holdout)
+  for name_, records_ in files.items():
+    write_jsonl(out / name_, records_)
+  write_json(out / "format.json", {"separator": separator})
+
+  prompts_per_split = collections.Counter(split for _, split, _ in where.values())
+  rm_records = files["rm/train.jsonl"] + files["rm/eval.jsonl"]
+  summary: dict[str, Any] = {
+      "dataset": name, "seed": seed, "fractions": fractions, "holdout": holdout,
+      "max_records": max_records, "separator": separator,
+      "inputs": read_summary,
+      "records": {"demonstrations": len(found["demonstrations"]),
+                  "rankings": len(found["rankings"]), "prompts": len(prompts)},
+      "duplicates": {kind: duplicates[kind] for kind in KINDS},
+      "prompts_per_split": {split: prompts_per_split[split] for split in SPLITS},
+      "files": {name_: len(records_) for name_, records_ in files.items()},
+      "unused": unused,
+      "rm_max_k": max((len(r["responses"]) for r in rm_records), default=0),
+  }
+  if template_summary is not None:
+    summary["chat_template"] = template_summary
+  if tokenizer_kind:
+    check_tokenizer(summary, files, separator, tokenizer_kind, tokenizer_path)
+  write_json(out / "summary.json", summary)
+  return summary
+
+
+def read_inputs(name: str, inputs: Sequence[str], on_bad: str, max_records: int | None):
+  """Every record of every input once — exact duplicates (across files too) kept once and
+  counted — by kind: (found {kind: {key: record}}, duplicates, per-file read summary)."""
   found = {kind: {} for kind in KINDS}
   duplicates = collections.Counter()
   read_summary = []
@@ -382,13 +417,13 @@ def prepare(name: str, inputs: Sequence[str], out: str | os.PathLike, *, seed: i
       raise InputError(str(path), f"every record was left out ({why})")
     read_summary.append({"path": str(path), "source": source, "read": read,
                          **{kind: s.as_dict() for kind, s in stats.items()}})
+  return found, duplicates, read_summary
 
-  template_summary = None
-  if chat is not None:  # Split what the model will read: the rendered records.
-    found, template_summary = render_with_template(found, chat, CHAT_LAYOUTS[name])
-    duplicates.update(template_summary["duplicates"])
 
-  # Split by prompt.
+def split_by_prompt(found: dict, seed: int, fractions: dict[str, float], holdout: float):
+  """The records of each output file, every prompt in exactly one set (`position` of seed and
+  prompt), each file in a fixed order; (files, where each prompt went, what no set could use,
+  the prompts)."""
   prompts = sorted({r["prompt"] for kind in KINDS for r in found[kind].values()})
   with_demonstration = {r["prompt"] for r in found["demonstrations"].values()}
   with_ranking = {r["prompt"] for r in found["rankings"].values()}
@@ -430,48 +465,35 @@ def prepare(name: str, inputs: Sequence[str], out: str | os.PathLike, *, seed: i
     return (where[record["prompt"]][0], record["prompt"],
             json.dumps(record, sort_keys=True, ensure_ascii=False))
 
-  for name_, records_ in files.items():
+  for records_ in files.values():
     records_.sort(key=order)
-    write_jsonl(out / name_, records_)
-  write_json(out / "format.json", {"separator": separator})
+  unused = {**{kind: dict(sorted(unused[kind].items())) for kind in KINDS},
+            "empty_prompts": empty_prompts}
+  return files, where, unused, prompts
 
-  prompts_per_split = collections.Counter(split for _, split, _ in where.values())
-  rm_records = files["rm/train.jsonl"] + files["rm/eval.jsonl"]
-  summary: dict[str, Any] = {
-      "dataset": name, "seed": seed, "fractions": fractions, "holdout": holdout,
-      "max_records": max_records, "separator": separator,
-      "inputs": read_summary,
-      "records": {"demonstrations": len(found["demonstrations"]),
-                  "rankings": len(found["rankings"]), "prompts": len(prompts)},
-      "duplicates": {kind: duplicates[kind] for kind in KINDS},
-      "prompts_per_split": {split: prompts_per_split[split] for split in SPLITS},
-      "files": {name_: len(records_) for name_, records_ in files.items()},
-      "unused": {**{kind: dict(sorted(unused[kind].items())) for kind in KINDS},
-                 "empty_prompts": empty_prompts},
-      "rm_max_k": max((len(r["responses"]) for r in rm_records), default=0),
-  }
+
+def check_tokenizer(summary: dict, files: dict, separator: str, tokenizer_kind: str,
+                    tokenizer_path: str) -> None:
+  """Adds to `summary` the boundary cases of the written pairs under the tokenizer, and with a
+  chat template the special tokens it would split into several ids."""
+  from instructjax.data import tokenizers
+  # Rendered chat text spells the template's tokens; the stages read them as tokens
+  # (--config.tokenizer.special_tokens_in_text, printed with the flags), and so does the check.
+  tokenizer = tokenizers.make_tokenizer(tokenizer_kind, tokenizer_path or None)
+  if _reads_special_tokens(summary):
+    try:
+      tokenizer = tokenizer.reading_special_tokens()
+    except InputError:
+      pass  # a tokenizer without such tokens: the warning below names what it splits
+  summary["boundary"] = count_boundary_cases(files, separator, tokenizer_kind, tokenizer_path,
+                                             tokenizer=tokenizer)
+  template_summary = summary.get("chat_template")
   if template_summary is not None:
-    summary["chat_template"] = template_summary
-  if tokenizer_kind:
-    from instructjax.data import tokenizers
-    # Rendered chat text spells the template's tokens; the stages read them as tokens
-    # (--config.tokenizer.special_tokens_in_text, printed with the flags), and so does the check.
-    tokenizer = tokenizers.make_tokenizer(tokenizer_kind, tokenizer_path or None)
-    if _reads_special_tokens(summary):
-      try:
-        tokenizer = tokenizer.reading_special_tokens()
-      except InputError:
-        pass  # a tokenizer without such tokens: the warning below names what it splits
-    summary["boundary"] = count_boundary_cases(files, separator, tokenizer_kind, tokenizer_path,
-                                               tokenizer=tokenizer)
-    if template_summary is not None:
-      # The template's special tokens the tokenizer reads as text, not as their one id.
-      template_summary["special_tokens_as_text"] = {
-          token: len(tokenizer.encode(token))
-          for token in template_summary["special_tokens_in_text"]
-          if len(tokenizer.encode(token)) != 1}
-  write_json(out / "summary.json", summary)
-  return summary
+    # The template's special tokens the tokenizer reads as text, not as their one id.
+    template_summary["special_tokens_as_text"] = {
+        token: len(tokenizer.encode(token))
+        for token in template_summary["special_tokens_in_text"]
+        if len(tokenizer.encode(token)) != 1}
 
 
 def write_json(path: pathlib.Path, value: dict) -> None:
