@@ -7,6 +7,7 @@ stage's trainer is only the code that builds its data, state and step.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -151,20 +152,32 @@ def train_loop(config, workdir: str, *, state, step_fn: Callable, data_state,
       writer.write(step, host)
       progress.update(step, loss=host["loss"])
       final.update(host)
-    if is_eval_step(config, step) or is_last:
-      evals = dict(evaluate(state))
-      if final_eval is not None and is_last:
-        evals.update(final_eval(state))
-      writer.write(step, evals)
-      final.update(evals)
-    if save_now:
+    if save_now:  # before any evaluation: a late failure never costs the trained parameters
       extra = {"data": data_state.get_state(), "stage": config.stage}
       extra.update(save_extra() if save_extra else {})
       ckpt.save(step, state, extra, force=is_last)
+    if is_eval_step(config, step) and not is_last:
+      evals = dict(evaluate(state))
+      writer.write(step, evals)
+      final.update(evals)
+  done_file = os.path.join(workdir, FINAL_EVAL_FILE)
+  if total_steps > start or not os.path.exists(done_file):
+    # The last step's evaluation, once its checkpoint is on disk; a run resumed after this
+    # failed (every step done, no record of it) evaluates again instead of training again.
+    ckpt.wait()
+    evals = dict(evaluate(state))
+    if final_eval is not None:
+      evals.update(final_eval(state))
+    writer.write(total_steps, evals)
+    final.update(evals)
+    common.save_json(done_file, evals)
   ckpt.wait()
   ckpt.close()
   writer.close()
   return final
+
+
+FINAL_EVAL_FILE = "final_eval.json"  # the last step's evaluation, written once it has run
 
 
 def is_eval_step(config, step: int) -> bool:

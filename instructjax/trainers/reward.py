@@ -9,8 +9,8 @@
            accuracy (overall and per K), loss, reward mean/std; on the synthetic task also the
            accuracy against the gold ordering and the labeler's ceiling.
   output   checkpoints, and after the last step the normalisation (gain, bias) that gives the
-           SFT policy's samples on the PPO prompts reward mean 0 and std 1, stored both in
-           `<workdir>/reward_normalisation.json` and in the final checkpoint's extra.
+           SFT policy's samples on the PPO prompts reward mean 0 and std 1, fitted once the
+           final checkpoint is on disk and stored in `<workdir>/reward_normalisation.json`.
 
 PPO reads the result with `workdirs.load_reward_model(workdir, layout)`: the ScalarModel's graph,
 its parameters restored onto that layout's shardings, the model config, and gain and bias;
@@ -41,7 +41,6 @@ from instructjax.trainers import common, comparisons, data_sources, loop, workdi
 from instructjax.trainers.data_sources import synthetic_task
 
 NORMALISATION_FILE = workdirs.NORMALISATION_FILE
-NORMALISATION_KEY = workdirs.NORMALISATION_KEY
 
 
 # ----------------------------------------------------------------------------- data
@@ -383,16 +382,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         print(f"[{config.stage}] backbone initialised from {config.init_from}", flush=True)
       return state
 
-    state, extra = loop.restore_or_init(config.stage, ckpt, abstract, create, data_iter)
+    state, _ = loop.restore_or_init(config.stage, ckpt, abstract, create, data_iter)
     common.save_config(workdir, config, model_cfg)
-    normalisation: dict[str, Any] = dict(extra.get(NORMALISATION_KEY, {}))
 
     def final_eval(state) -> dict[str, float]:
       if not config.normalise:
         return {}
       result = fit_normalisation(config, layout, tokenizer, model_cfg, task, data.train_source,
                                  state["params"], graphdef)
-      normalisation.update(result)
       common.save_json(os.path.join(workdir, NORMALISATION_FILE), result)
       print(f"[{config.stage}] reward normalisation gain={result['gain']:.4g} "
             f"bias={result['bias']:.4g} on {result['reference']}", flush=True)
@@ -407,8 +404,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                         config.eval_batches, data.ceiling),
         final_eval=final_eval,
         items_per_step=("pairs_per_second", config.batch_size * data.pairs_per_element),
-        host_metrics=lambda _: data.host_counts,
-        save_extra=lambda: {NORMALISATION_KEY: dict(normalisation)} if normalisation else {})
+        host_metrics=lambda _: data.host_counts)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
