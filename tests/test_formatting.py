@@ -155,3 +155,16 @@ def test_gpt2_on_real_hh_dialogues_trains_on_the_documents_own_ids(shared_data):
   assert apart == len(pairs)  # the old separate encoding was off on every one
   ids = np.concatenate([encode_pair(gpt2, SPACED, *p).response_ids[:1] for p in pairs])
   assert set(gpt2.decode([int(i)])[0] for i in ids) == {" "}
+
+
+def test_gpt2_on_real_tldr_summaries_trains_on_the_documents_own_ids(shared_data):
+  """TL;DR prompts end with `TL;DR:`; with the separator " " every summary's ids are those of
+  the document `... TL;DR: <summary>`."""
+  gpt2 = tk.make_tokenizer("gpt2", shared_data / "gpt2_tokenizer")
+  path = shared_data / "summarize_from_feedback" / "batch13.jsonl.gz"
+  pairs = [(r["prompt"], response)
+           for r in itertools.islice(converters.summarize_from_feedback(path), 200)
+           for response in r["responses"]]
+  assert len(pairs) == 400
+  assert not [p for p in pairs if not encode_pair(gpt2, SPACED, *p).exact]
+  assert all(p.endswith("TL;DR:") for p, _ in pairs)
