@@ -38,7 +38,7 @@ import jinja2.parser
 import jinja2.sandbox
 import jinja2.utils
 
-from instructjax.data.converters import _OA_ROLES, ASSISTANT, HUMAN, _oa_message
+from instructjax.data.converters import ASSISTANT, HUMAN, OA_ROLES, oa_message
 from instructjax.errors import InputError
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -437,15 +437,15 @@ def thread_messages(texts_and_roles: Iterable[Any], *, where: str = "thread") ->
   for i, item in enumerate(texts_and_roles):
     here = f"{where} message {i}"
     if isinstance(item, Mapping):
-      text, role, _ = _oa_message(item, here)
+      text, role, _ = oa_message(item, here)
     else:
       if not (isinstance(item, Sequence) and not isinstance(item, str) and len(item) == 2
               and isinstance(item[0], str) and isinstance(item[1], str)):
         raise InputError(here, f"expected a (text, role) pair or a message dict, got {item!r:.200}")
       text, role = item
-      if role not in _OA_ROLES:
+      if role not in OA_ROLES:
         raise InputError(here, f"role must be 'prompter' or 'assistant', got {role!r}")
-    messages.append({"role": _CHAT_ROLES[_OA_ROLES[role]], "content": text.strip()})
+    messages.append({"role": _CHAT_ROLES[OA_ROLES[role]], "content": text.strip()})
   if not messages:
     raise ConversationProblem(where, "the thread has no messages", "empty_conversation")
   return _check_alternating(messages, where)

@@ -217,13 +217,15 @@ def hh_rlhf(path: PathLike, stats: Stats | None = None, *,
 
 # ------------------------------------------------------------------ OpenAssistant
 
-_OA_ROLES = {"prompter": "human", "assistant": "assistant"}
+OA_ROLES = {"prompter": "human", "assistant": "assistant"}
 
 
-def _oa_message(message: Any, where: str) -> tuple[str, str, list]:
+def oa_message(message: Any, where: str) -> tuple[str, str, list]:
+  """(text, role, replies) of one OpenAssistant message; a malformed one is an InputError
+  naming `where`."""
   text = _require(message, "text", str, where)
   role = _require(message, "role", str, where)
-  if role not in _OA_ROLES:
+  if role not in OA_ROLES:
     raise InputError(where, f"role must be 'prompter' or 'assistant', got {role!r}")
   replies = message.get("replies") or []
   if not isinstance(replies, list):
@@ -239,12 +241,12 @@ def _oa_walk(message: Any, history: list[tuple[str, str]], where: str, stats: St
   emit = _oa_ranking if emit is None else emit
   message_id = message.get("message_id", "?") if isinstance(message, dict) else "?"
   here = f"{where} message {message_id}"
-  text, role, replies = _oa_message(message, here)
-  history = history + [(_OA_ROLES[role], text)]
+  text, role, replies = oa_message(message, here)
+  history = history + [(OA_ROLES[role], text)]
   live = []
   for reply in replies:
-    _, reply_role, _ = _oa_message(reply, here)
-    if _OA_ROLES[reply_role] == _OA_ROLES[role]:
+    _, reply_role, _ = oa_message(reply, here)
+    if OA_ROLES[reply_role] == OA_ROLES[role]:
       raise InputError(here, f"a {role} message has a {reply_role} reply: roles must alternate")
     if reply.get("deleted"):
       # A moderator removed it; its subtree continues a conversation that is gone.
