@@ -82,3 +82,15 @@ def test_ppo_training_and_normalisation_score_the_same_tokens_alike():
                                 fmt=Format())
   assert abs(with_eos[1] - in_ppo[1]) > 1e-4
   np.testing.assert_allclose(with_eos[[0, 2]], in_ppo[[0, 2]], atol=1e-5)
+
+
+def test_ranking_records_say_which_sampled_responses_ended():
+  import pytest
+  from instructjax.data.rankings import validate_ranking
+  from instructjax.errors import InputError
+  sampled = {"prompt": "p", "responses": ["an answer", ""], "ranks": [0, 1], "ended": [False, True]}
+  assert validate_ranking(sampled, "collected")["ended"] == [False, True]  # an empty sample too
+  with pytest.raises(InputError, match="f.jsonl:3.*'ended' must be 2 booleans"):
+    validate_ranking(dict(sampled, ended=[True]), "f.jsonl:3")
+  with pytest.raises(InputError, match="responses\\[1\\] is empty"):  # written data: an error
+    validate_ranking({k: v for k, v in sampled.items() if k != "ended"}, "f.jsonl:4")
