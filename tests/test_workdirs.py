@@ -46,3 +46,18 @@ def test_a_stage_started_from_another_takes_its_architecture_and_keeps_its_runti
   with rm.unlocked():
     rm.init_from = ""
   assert common.model_config(rm, tokenizer).d_model == 256
+
+
+def test_a_stage_refuses_a_source_trained_with_another_tokenizer(tmp_path):
+  import tiny
+  from instructjax.trainers import common
+  sft = tiny.lm_config("sft")
+  tokenizer = common.tokenizer_from_config(sft)
+  common.save_config(str(tmp_path / "sft"), sft, common.model_config(sft, tokenizer))
+  stored = json.load(open(tmp_path / "sft" / "config.json"))
+  stored["tokenizer"] = {"kind": "gpt2", "path": str(tmp_path / "elsewhere")}
+  json.dump(stored, open(tmp_path / "sft" / "config.json", "w"))
+  rm = tiny.reward_config(init_from=str(tmp_path / "sft"))
+  with pytest.raises(InputError, match=r"config.tokenizer: .*sft \(config.init_from\) was "
+                     r"trained with tokenizer \{'kind': 'gpt2'"):
+    common.model_config(rm, tokenizer)

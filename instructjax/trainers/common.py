@@ -94,7 +94,23 @@ def started_from(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Mod
   trained = workdirs.read_config(config.init_from)
   if trained is None:
     return None  # the stage's own checks name the missing workdir
+  check_same_tokenizer(config, tokenizer, trained, "config.init_from")
   return ran_with(trained, tokenizer)
+
+
+def check_same_tokenizer(config, tokenizer: Tokenizer, trained: ml_collections.ConfigDict,
+                         field: str) -> None:
+  """A stage reads another stage's model (`field` names which) only with the tokenizer it was
+  trained with, compared by content (`tokenizers.difference`): other ids would mean other
+  tokens to the same weights."""
+  from instructjax.data.tokenizers import difference
+  if trained.get("tokenizer") is None:
+    return  # a workdir that does not say: its model's vocabulary is checked when it loads
+  mine, theirs = config.tokenizer.to_dict(), trained.tokenizer.to_dict()
+  why = difference(tokenizer, mine, theirs)
+  if why:
+    raise InputError("config.tokenizer", f"{config.get(field.split('.')[-1])} ({field}) was "
+                     f"trained with tokenizer {theirs}, this stage uses {mine}: {why}")
 
 
 def ran_with(trained: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
