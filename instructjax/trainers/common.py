@@ -56,16 +56,18 @@ RESOLVED_MODEL = "resolved_model"  # config.json: the ModelConfig the stage ran 
 
 
 def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
-                 inherit: bool = True) -> ModelConfig:
+                 inherit: bool = True, source: ModelConfig | None = None) -> ModelConfig:
   """The model section as a ModelConfig; vocab_size None means the tokenizer's, padded to 128.
 
   A stage that starts from another stage's checkpoint (`config.init_from`) takes that stage's
   architecture — what its weights are — and keeps only its own runtime fields
   (`models.config.RUNTIME_FIELDS`: dtype, dropout, remat, ...), so no stage repeats the model's
-  sizes by hand. A `init_from_hf` checkpoint decides the architecture likewise."""
+  sizes by hand. A `init_from_hf` checkpoint decides the architecture likewise. `source`: the
+  ModelConfig to take the architecture from instead (a pipeline's stage not trained yet)."""
   fields = config.model.to_dict()
   hf_dir = fields.pop("init_from_hf", "")
-  source = started_from(config, tokenizer) if inherit else None
+  if source is None and inherit:
+    source = started_from(config, tokenizer)
   if source is not None:
     fields.update(architecture(source))
   elif hf_dir:  # the checkpoint decides the architecture; the vocabulary is padded as usual
@@ -94,23 +96,23 @@ def started_from(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Mod
   trained = workdirs.read_config(config.init_from)
   if trained is None:
     return None  # the stage's own checks name the missing workdir
-  check_same_tokenizer(config, tokenizer, trained, "config.init_from")
+  check_same_tokenizer(config, tokenizer, trained, config.init_from, "config.init_from")
   return ran_with(trained, tokenizer)
 
 
 def check_same_tokenizer(config, tokenizer: Tokenizer, trained: ml_collections.ConfigDict,
-                         field: str) -> None:
-  """A stage reads another stage's model (`field` names which) only with the tokenizer it was
-  trained with, compared by content (`tokenizers.difference`): other ids would mean other
-  tokens to the same weights."""
+                         workdir: str, field: str) -> None:
+  """A stage reads the model of `workdir` (named by config `field`) only with the tokenizer it
+  was trained with, compared by content (`tokenizers.difference`: the same files in another
+  directory are the same tokenizer): other ids would mean other tokens to the same weights."""
   from instructjax.data.tokenizers import difference
   if trained.get("tokenizer") is None:
     return  # a workdir that does not say: its model's vocabulary is checked when it loads
   mine, theirs = config.tokenizer.to_dict(), trained.tokenizer.to_dict()
   why = difference(tokenizer, mine, theirs)
   if why:
-    raise InputError("config.tokenizer", f"{config.get(field.split('.')[-1])} ({field}) was "
-                     f"trained with tokenizer {theirs}, this stage uses {mine}: {why}")
+    raise InputError(field, f"{workdir} was trained with tokenizer {theirs}, this stage uses "
+                     f"{mine}: {why}; set --config.tokenizer to match")
 
 
 def ran_with(trained: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:

@@ -40,7 +40,7 @@ from instructjax import evaluation, parallel, report
 from instructjax.data import formatting, pipeline, records
 from instructjax.data.rankings import read_rankings
 from instructjax.data.synthetic import what_differs
-from instructjax.data.tokenizers import Tokenizer, difference
+from instructjax.data.tokenizers import Tokenizer
 from instructjax.errors import InputError
 from instructjax.metrics import read_metrics
 from instructjax.models.decoder import LanguageModel
@@ -135,13 +135,7 @@ def model_config_of(name: str, workdir: str, config, tokenizer: Tokenizer):
   if stored is None:
     print(f"[evaluate] {workdir} has no config.json: using config.model for {name}", flush=True)
     return common.model_config(config, tokenizer)
-  mine = config.tokenizer.to_dict()
-  theirs = stored.get("tokenizer", ml_collections.ConfigDict(mine)).to_dict()
-  # By content: the same tokenizer files in another directory are the same tokenizer.
-  why = difference(tokenizer, mine, theirs)
-  if why:
-    raise InputError(f"config.models.{name}", f"{workdir} was trained with tokenizer {theirs}, "
-                     f"the evaluation uses {mine}: {why}; set --config.tokenizer to match")
+  common.check_same_tokenizer(config, tokenizer, stored, workdir, f"config.models.{name}")
   return common.ran_with(stored, tokenizer)
 
 

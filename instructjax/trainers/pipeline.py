@@ -318,18 +318,12 @@ def planned_models(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   """The ModelConfig each stage will run with, from the config alone: a stage started from
   another (`init_from`) takes that stage's architecture and keeps its own runtime fields, as
   `common.model_config` does once that stage's config.json exists."""
-  from instructjax.models.config import ModelConfig, architecture
   from instructjax.trainers import common
   out: dict[str, Any] = {}
   for name in STAGE_NAMES:
     section = stage_config(config, name, workdir)
-    source = STAGE_LINKS[name].get("init_from")
-    if source in out:
-      fields = {k: v for k, v in section.model.to_dict().items() if k != "init_from_hf"}
-      out[name] = ModelConfig.from_mapping({**fields, **architecture(out[source])})
-    else:
-      out[name] = common.model_config(section, common.tokenizer_from_config(section),
-                                      inherit=False)
+    out[name] = common.model_config(section, common.tokenizer_from_config(section), inherit=False,
+                                    source=out.get(STAGE_LINKS[name].get("init_from")))
   return out
 
 

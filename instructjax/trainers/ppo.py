@@ -152,7 +152,7 @@ def check_settings(config, layout: common.Layout, model_cfg, trained=None) -> No
     stored = None if reward_cfg else workdirs.read_config(config.reward_from)
     if stored is not None:
       common.check_same_tokenizer(config, common.tokenizer_from_config(config), stored,
-                                  "config.reward_from")
+                                  config.reward_from, "config.reward_from")
       reward_cfg = common.ran_with(stored, common.tokenizer_from_config(stored))
     if reward_cfg is not None:
       common.check_seq_len(reward_cfg, rollout, f"{where} (scored by the reward model)")

@@ -121,10 +121,11 @@ def check_settings(config, layout: common.Layout, model_cfg, trained=None) -> No
   parallel.check_global_batch(config.batch_size, layout.mesh, rules=layout.rules)
   loop.check_cadence(config)
   if config.init_from and (config.normalise or config.data.source == "synthetic"):
-    stages.check_sampling(config.sampling, layout, model_cfg)
-  if config.normalise:
+    stages.check_sampling(config.sampling, layout, model_cfg)  # its batch size too
+  elif config.normalise:  # scores the training rankings' responses in sampling.batch_size rows
     parallel.check_global_batch(config.sampling.batch_size, layout.mesh,
                                 "config.sampling.batch_size", rules=layout.rules)
+  if config.normalise:
     if config.normalisation_prompts < 1:
       raise InputError("config.normalisation_prompts",
                        f"must be >= 1 to fit the normalisation, got {config.normalisation_prompts}")
