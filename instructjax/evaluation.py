@@ -10,7 +10,8 @@ Conventions:
   * Confidence intervals are two-sided at `confidence` (0.95 by default).
   * A mean's interval is the normal approximation mean +- z * s / sqrt(n), s the sample standard
     deviation (ddof = 1); with one value it has no width to estimate and is NaN.
-  * A win rate compares two models' responses to the same prompts by gold score: a higher score
+  * A win rate compares two models' responses to the same prompts by one judge's score (`JUDGES`:
+    the gold scorer, a held-out judge reward model, or the proxy reward model): a higher score
     is a win (1), an equal one a tie (1/2), a lower one a loss (0), and the win rate is the mean
     outcome, (wins + ties / 2) / n. Its interval is the Wilson score interval of that proportion
     over the n prompts. Counting a tie as half a success keeps the estimate unbiased; because a
@@ -129,19 +130,38 @@ def sequence_log_ratio(logp: np.ndarray, ref_logp: np.ndarray,
 # Summaries of the per-prompt results.
 
 
+# Who judges a response, in the order that picks a report's headline: the synthetic task's gold
+# scorer when the prompts are the task's; otherwise the held-out judge RM (trained on comparisons
+# the proxy RM never saw, as the paper's held-out labelers) when the run has one; otherwise the
+# proxy RM PPO optimised, whose win rate a policy can earn by gaming it.
+JUDGES = {"gold": "the gold scorer",
+          "judge": "the held-out judge reward model",
+          "rm": "the reward model PPO optimised (a proxy)"}
+
+
 def summarise_model(outputs: Mapping[str, Any], baseline: Mapping[str, Any] | None,
                     confidence: float = 0.95) -> dict[str, Any]:
   """One model's row of the report from its per-prompt arrays.
 
-  outputs: "gold" [n] gold scores; optionally "rm" [n] normalised RM scores, "kl" [n] sequence
-  log-ratios against SFT, "pretraining_loss" (a float), "ended" [n] and "lengths" [n]. baseline:
-  the SFT model's outputs (its "gold" is what wins are counted against), or None without SFT.
+  outputs: per judge of `JUDGES` it has, [n] scores ("gold" gold scores, "judge" and "rm"
+  normalised reward-model scores); optionally "kl" [n] sequence log-ratios against SFT,
+  "pretraining_loss" (a float), "ended" [n] and "lengths" [n]. baseline: the SFT model's outputs
+  (what wins are counted against, judge by judge), or None without SFT.
+
+  The row has `<judge>_score` (mean and interval) per judge, `win_rates_vs_sft` {judge: win
+  rate} and the headline `win_rate_vs_sft`, the first judge's of `JUDGES` (`headline_judge`).
   """
-  row: dict[str, Any] = dict(gold_score=mean_ci(outputs["gold"], confidence, "gold scores"))
-  if baseline is not None:
-    row["win_rate_vs_sft"] = win_rate(outputs["gold"], baseline["gold"], confidence)
-  if outputs.get("rm") is not None:
-    row["rm_score"] = mean_ci(outputs["rm"], confidence, "reward-model scores")
+  row: dict[str, Any] = {}
+  for judge in JUDGES:
+    if outputs.get(judge) is None:
+      continue
+    row[f"{judge}_score"] = mean_ci(outputs[judge], confidence, f"{judge} scores")
+    if baseline is not None and baseline.get(judge) is not None:
+      row.setdefault("win_rates_vs_sft", {})[judge] = win_rate(outputs[judge], baseline[judge],
+                                                               confidence)
+  if row.get("win_rates_vs_sft"):
+    row["headline_judge"] = next(iter(row["win_rates_vs_sft"]))
+    row["win_rate_vs_sft"] = row["win_rates_vs_sft"][row["headline_judge"]]
   if outputs.get("kl") is not None:
     row["kl_from_sft"] = mean_ci(outputs["kl"], confidence, "KL from SFT")
   if outputs.get("pretraining_loss") is not None:
@@ -252,3 +272,27 @@ def pair_accuracy_by_kind(pairs: Iterable[tuple[str, float, float, float, float,
                      labeler_accuracy=float(np.mean(labeler_right)),
                      labeler_ceiling=float(ceiling(gaps)))
   return out
+
+
+def pair_accuracy_by_k(rankings: Iterable[tuple[Sequence[int], Sequence[float]]]
+                       ) -> dict[str, dict[str, float]]:
+  """A reward model's pair accuracy on held-out rankings, by K (the number of responses ranked).
+
+  rankings: (ranks, rewards) per ranking (rank 0 = best; ties give no pair, `rankings.pairs`).
+  A pair is right when the reward orders it like the ranks; an equal reward counts half, as in
+  the training metric. Returns {str(K): {rankings, pairs, accuracy}} with an "all" entry;
+  rankings without a pair count in `rankings` only.
+  """
+  from instructjax.data.rankings import pairs as ranked_pairs
+  by_k: dict[str, list] = {}
+  for ranks, rewards in rankings:
+    right = [_ordered_right(rewards[w], rewards[l], True) for w, l in ranked_pairs(ranks)]
+    for key in (str(len(ranks)), "all"):
+      entry = by_k.setdefault(key, [0, []])
+      entry[0] += 1
+      entry[1].extend(right)
+  return {key: dict(rankings=count, pairs=len(right),
+                    accuracy=float(np.mean(right)) if right else math.nan)
+          for key, (count, right) in sorted(by_k.items(),
+                                            key=lambda item: (item[0] == "all", len(item[0]),
+                                                              item[0]))}

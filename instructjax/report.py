@@ -75,15 +75,120 @@ def _settings_text(settings: Mapping[str, Any]) -> list[str]:
     return []
   decoding = settings.get("decoding", "")
   confidence = settings.get("confidence", 0.95)
-  lines = [f"{settings.get('num_prompts', '?')} held-out prompts of the synthetic task's "
-           f"\"{settings.get('split', 'eval')}\" split; responses by {decoding}. Intervals are "
-           f"{confidence:.0%} confidence intervals: normal approximation for means, Wilson score "
-           "interval for win rates (a tie counts as half a win)."]
+  prompts = settings.get("prompts") or (f"held-out prompts of the synthetic task's "
+                                        f"\"{settings.get('split', 'eval')}\" split")
+  lines = [f"{settings.get('num_prompts', '?')} {prompts}; responses by {decoding}. Intervals "
+           f"are {confidence:.0%} confidence intervals: normal approximation for means, Wilson "
+           "score interval for win rates (a tie counts as half a win)."]
   if settings.get("kl_decoding"):
     lines.append(f"KL from SFT: {settings['kl_decoding']}.")
   if settings.get("pretraining_text"):
     lines.append(f"Pretraining loss: {settings['pretraining_text']}.")
   return [" ".join(lines), ""]
+
+
+# Column titles of each judge's win rate and score (`evaluation.JUDGES`).
+_JUDGE_COLUMNS = {"gold": ("gold scorer", "Gold score"),
+                  "judge": ("held-out judge RM", "Judge RM score (normalised)"),
+                  "rm": ("proxy RM (PPO's reward)", "RM score (proxy, normalised)")}
+_HEADLINE_TEXT = {
+    "gold": "the gold scorer (the paper's Figure 1, with the gold labeler in place of human "
+            "labelers)",
+    "judge": "the held-out judge reward model (the paper's Figure 1, with a reward model trained "
+             "on comparisons the proxy reward model never saw in place of held-out labelers)",
+    "rm": "the reward model PPO optimised: a proxy, which a policy can game without getting "
+          "better (no held-out judge in this run)"}
+
+
+def _judges(models: Mapping[str, Any]) -> list[str]:
+  """The judges any model was scored by, in `evaluation.JUDGES` order (the first: headline)."""
+  return [judge for judge in evaluation.JUDGES
+          if any(f"{judge}_score" in row for row in models.values())]
+
+
+def _win_rate_section(models: Mapping[str, Any], judges: Sequence[str],
+                      figures: Mapping[str, str]) -> list[str]:
+  out = ["## Win rate against SFT", ""]
+  if judges:
+    out += [f"How often each model's response beats SFT's on the same prompt, judged by "
+            f"{_HEADLINE_TEXT[judges[0]]}."
+            + (" The other columns judge the same responses by "
+               + " and by ".join(evaluation.JUDGES[j] for j in judges[1:]) + "."
+               if len(judges) > 1 else ""), ""]
+  rows = []
+  for name, row in models.items():
+    rates = row.get("win_rates_vs_sft") or {}
+    if not rates and row.get("win_rate_vs_sft"):  # a report.json written before judges
+      rates = {judges[0] if judges else "gold": row["win_rate_vs_sft"]}
+    win = rates.get(judges[0]) if judges else None
+    counts = f"{win['wins']} / {win['ties']} / {win['losses']}" if win else "–"
+    rows.append([row.get("label", name), _interval(win, "win_rate"), counts]
+                + [_interval(rates.get(j), "win_rate") for j in judges[1:]])
+  headline = _JUDGE_COLUMNS[judges[0]][0] if judges else "–"
+  out += _table(["Model", f"Win rate vs SFT, {headline} [95% CI]", "Wins / ties / losses"]
+                + [f"Win rate, {_JUDGE_COLUMNS[j][0]}" for j in judges[1:]], rows) + [""]
+  if "win_rate" in figures:
+    out += [f"![Win rate against SFT]({figures['win_rate']})", ""]
+  return out
+
+
+def _reward_model_table(rm: Mapping[str, Any]) -> list[str]:
+  """One reward model's held-out accuracy; against the simulated labeler's ceiling on the
+  synthetic task."""
+  if "labeler_ceiling" in rm or "labeler_agreement" in rm:
+    return _table(["Accuracy (labeler)", "Accuracy (gold order)", "Labeler ceiling",
+                   "Inter-labeler agreement", "Step"],
+                  [[_number(rm.get("eval_accuracy")), _number(rm.get("eval_gold_accuracy")),
+                    _number(rm.get("labeler_ceiling")), _number(rm.get("labeler_agreement")),
+                    str(rm.get("step", "–"))]]) + [""]
+  return _table(["Held-out pair accuracy (its eval split)", "Held-out loss", "Step"],
+                [[_number(rm.get("eval_accuracy")), _number(rm.get("eval_loss")),
+                  str(rm.get("step", "–"))]]) + [""]
+
+
+def _by_difference(by_difference: Mapping[str, Any]) -> list[str]:
+  with_sft = all("sft_likelihood_gold_accuracy" in row for row in by_difference.values())
+  with_train = all("train_gold_accuracy" in row for row in by_difference.values())
+  out = ["The same held-out pairs by what differs between the two responses: only one "
+         "carries a remark after its answer, the answers differ, or only the remark's text "
+         "does. A gap to the ceiling shows what the reward model cannot judge."
+         + (" \"On training pairs\" is the RM's gold-order accuracy on its own training "
+            "rankings: as low there as held out, it never learned that kind of pair; much "
+            "higher, it memorised." if with_train else "")
+         + (" The last column orders the pairs by the SFT policy's own log-likelihood of "
+            "each response (the reward model's initialisation): what the RM could have "
+            "learned to read." if with_sft else ""), ""]
+  out += _table(["Pairs that differ in", "Pairs", "Accuracy (labeler)",
+                 "Accuracy (gold order)", "Labeler ceiling"]
+                + (["On training pairs (gold order)"] if with_train else [])
+                + (["SFT likelihood (gold order)"] if with_sft else []),
+                [[kind, str(row["pairs"]), _number(row["labeler_accuracy"]),
+                  _number(row["gold_accuracy"]), _number(row["labeler_ceiling"])]
+                 + ([_number(row["train_gold_accuracy"])] if with_train else [])
+                 + ([_number(row["sft_likelihood_gold_accuracy"])] if with_sft else [])
+                 for kind, row in sorted(by_difference.items(),
+                                         key=lambda item: (item[0] == "all", item[0]))]) + [""]
+  return out
+
+
+def _by_k(rms: Mapping[str, Mapping[str, Any]]) -> list[str]:
+  """Pair accuracy by K of every reward model that has it, side by side."""
+  with_k = {title: rm for title, rm in rms.items() if rm.get("by_k")}
+  if not with_k:
+    return []
+  keys = sorted({k for rm in with_k.values() for k in rm["by_k"]},
+                key=lambda k: (k == "all", len(k), k))
+  first = next(iter(with_k.values()))
+  out = [f"Pair accuracy on the held-out rankings of {first.get('by_k_rankings', '?')}, by the "
+         "number of responses K ranked for a prompt (a ranking of K gives up to K(K-1)/2 pairs; "
+         "tied responses give none).", ""]
+  rows = []
+  for k in keys:
+    counts = next(rm["by_k"][k] for rm in with_k.values() if k in rm["by_k"])
+    rows.append([k, str(counts["rankings"]), str(counts["pairs"])]
+                + [_number(rm["by_k"].get(k, {}).get("accuracy")) for rm in with_k.values()])
+  return out + _table(["K", "Rankings", "Pairs"] + [f"{title} accuracy" for title in with_k],
+                      rows) + [""]
 
 
 def render_markdown(results: Mapping[str, Any], curves: Mapping[str, Any],
@@ -92,28 +197,19 @@ def render_markdown(results: Mapping[str, Any], curves: Mapping[str, Any],
   its file name next to report.md."""
   del curves  # shown through the figures; kept in the signature for symmetry with write_report
   models = results.get("models", {})
+  judges = _judges(models)
   out = ["# InstructJAX evaluation", ""]
   out += _settings_text(results.get("settings", {}))
+  out += _win_rate_section(models, judges, figures)
 
-  out += ["## Win rate against SFT", "",
-          "How often each model's response beats SFT's on the same prompt, judged by the gold "
-          "scorer (the paper's Figure 1, with the gold labeler in place of human labelers).", ""]
-  rows = []
-  for name, row in models.items():
-    win = row.get("win_rate_vs_sft")
-    counts = f"{win['wins']} / {win['ties']} / {win['losses']}" if win else "–"
-    rows.append([row.get("label", name), _interval(win, "win_rate"), counts])
-  out += _table(["Model", "Win rate vs SFT [95% CI]", "Wins / ties / losses"], rows) + [""]
-  if "win_rate" in figures:
-    out += [f"![Win rate against SFT]({figures['win_rate']})", ""]
-
-  out += ["## Gold score, reward-model score and KL from SFT", ""]
-  rows = [[row.get("label", name), _interval(row.get("gold_score")),
-           _interval(row.get("rm_score")), _interval(row.get("kl_from_sft")),
-           _number(row.get("ended_fraction"), 2), _number(row.get("response_length"), 1)]
+  out += ["## Scores, KL from SFT, length", ""]
+  rows = [[row.get("label", name)] + [_interval(row.get(f"{j}_score")) for j in judges]
+          + [_interval(row.get("kl_from_sft")), _number(row.get("ended_fraction"), 2),
+             _number(row.get("response_length"), 1)]
           for name, row in models.items()]
-  out += _table(["Model", "Gold score", "RM score (normalised)", "KL from SFT (nats/response)",
-                 "Ended with EOS", "Length (tokens)"], rows) + [""]
+  out += _table(["Model"] + [_JUDGE_COLUMNS[j][1] for j in judges]
+                + ["KL from SFT (nats/response)", "Ended with EOS", "Length (tokens)"],
+                rows) + [""]
   for name, row in models.items():
     if row.get("prompts_truncated"):
       out += [f"{row.get('label', name)}: {row['prompts_truncated']} prompts were longer than "
@@ -130,46 +226,27 @@ def render_markdown(results: Mapping[str, Any], curves: Mapping[str, Any],
     rows.append([row.get("label", name), _number(loss), change])
   out += _table(["Model", "Pretraining loss (nats/token)", "Change vs SFT"], rows) + [""]
 
-  rm = results.get("reward_model")
-  if rm:
-    out += ["## Reward model", "",
-            "Held-out pair accuracy against the simulated labeler's rankings, next to the best "
-            "accuracy any model can expect against that noisy labeler (the ceiling) and the "
-            "agreement of two independent labelers.", ""]
-    out += _table(["Accuracy (labeler)", "Accuracy (gold order)", "Labeler ceiling",
-                   "Inter-labeler agreement", "Step"],
-                  [[_number(rm.get("eval_accuracy")), _number(rm.get("eval_gold_accuracy")),
-                    _number(rm.get("labeler_ceiling")), _number(rm.get("labeler_agreement")),
-                    str(rm.get("step", "–"))]]) + [""]
-    by_difference = rm.get("by_difference")
-    if by_difference:
-      with_sft = all("sft_likelihood_gold_accuracy" in row for row in by_difference.values())
-      with_train = all("train_gold_accuracy" in row for row in by_difference.values())
-      out += ["The same held-out pairs by what differs between the two responses: only one "
-              "carries a remark after its answer, the answers differ, or only the remark's text "
-              "does. A gap to the ceiling shows what the reward model cannot judge."
-              + (" \"On training pairs\" is the RM's gold-order accuracy on its own training "
-                 "rankings: as low there as held out, it never learned that kind of pair; much "
-                 "higher, it memorised." if with_train else "")
-              + (" The last column orders the pairs by the SFT policy's own log-likelihood of "
-                 "each response (the reward model's initialisation): what the RM could have "
-                 "learned to read." if with_sft else ""), ""]
-      out += _table(["Pairs that differ in", "Pairs", "Accuracy (labeler)",
-                     "Accuracy (gold order)", "Labeler ceiling"]
-                    + (["On training pairs (gold order)"] if with_train else [])
-                    + (["SFT likelihood (gold order)"] if with_sft else []),
-                    [[kind, str(row["pairs"]), _number(row["labeler_accuracy"]),
-                      _number(row["gold_accuracy"]), _number(row["labeler_ceiling"])]
-                     + ([_number(row["train_gold_accuracy"])] if with_train else [])
-                     + ([_number(row["sft_likelihood_gold_accuracy"])] if with_sft else [])
-                     for kind, row in sorted(by_difference.items(),
-                                             key=lambda item: (item[0] == "all", item[0]))]) + [""]
+  rms = {title: results[key] for key, title in (("reward_model", "Proxy RM"),
+                                                ("judge_model", "Judge RM")) if results.get(key)}
+  if rms:
+    out += ["## Reward models", ""]
+    for title, rm in rms.items():
+      synthetic = "labeler_ceiling" in rm or "labeler_agreement" in rm
+      out += [f"{title} ({rm.get('workdir', '?')}): held-out pair accuracy"
+              + (" against the simulated labeler's rankings, next to the best accuracy any "
+                 "model can expect against that noisy labeler (the ceiling) and the agreement "
+                 "of two independent labelers." if synthetic else
+                 " on its own evaluation split."), ""]
+      out += _reward_model_table(rm)
+      if rm.get("by_difference"):
+        out += _by_difference(rm["by_difference"])
+    out += _by_k(rms)
 
   if "score_vs_kl" in figures or "ptx_loss" in figures:
     out += ["## During PPO training", ""]
     if "score_vs_kl" in figures:
-      out += ["Reward-model and gold score of the rollouts against their KL from SFT, at each "
-              "logged step.", "", f"![Score against KL]({figures['score_vs_kl']})", ""]
+      out += ["Scores of the rollouts against their KL from SFT, at each logged step.", "",
+              f"![Score against KL]({figures['score_vs_kl']})", ""]
     if "ptx_loss" in figures:
       out += ["Held-out pretraining loss over PPO training (dashed: SFT).", "",
               f"![Pretraining loss during PPO]({figures['ptx_loss']})", ""]

@@ -160,8 +160,8 @@ def test_write_report_writes_json_markdown_tables_and_png_plots(tmp_path):
       "win_rate_vs_sft"]["wins"]
   assert stored["curves"]["ppo"]["kl"] == [[1, 0.0], [2, 1.0]]
   md = open(written["markdown"]).read()
-  for heading in ("## Win rate against SFT", "## Gold score, reward-model score and KL from SFT",
-                  "## Alignment tax: held-out pretraining loss", "## Reward model",
+  for heading in ("## Win rate against SFT", "## Scores, KL from SFT, length",
+                  "## Alignment tax: held-out pretraining loss", "## Reward models",
                   "## Not evaluated"):
     assert heading in md
   ppo = results["models"]["ppo"]["win_rate_vs_sft"]
@@ -402,12 +402,26 @@ def test_pretraining_text_from_files(tmp_path):
   (tmp_path / "b.txt").write_text("a whole file")
   config = eval_config(**{"ptx_eval.source": "files",
                           "ptx_eval.files": f"{tmp_path}/a.jsonl,{tmp_path}/b.txt"})
-  texts, what = evaluate.pretraining_documents(config, None)
+  texts, what = evaluate.pretraining_documents(config, None, str(tmp_path))
   assert texts == ["one doc", "two doc", "a whole file"] and "3 documents" in what
   with pytest.raises(InputError, match="missing.txt"):
     evaluate.pretraining_documents(eval_config(**{"ptx_eval.source": "files",
                                                   "ptx_eval.files": f"{tmp_path}/missing.txt"}),
-                                   None)
+                                   None, str(tmp_path))
+
+
+def test_the_alignment_tax_reads_the_part_of_the_ptx_corpus_ppo_ptx_held_out(tmp_path):
+  # 40 documents: the builders hold out 40 // 20 = 2, evenly spaced: the 20th and the 40th.
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(40)))
+  config = eval_config(**{"ptx_eval.source": "heldout", "ptx_eval.files": str(corpus)})
+  texts, what = evaluate.pretraining_documents(config, None, str(tmp_path / "eval"))
+  assert texts == ["document 19", "document 39"] and "held-out part" in what
+  # One long document: its tail, as the PPO stage's ptx stream holds it out.
+  (tmp_path / "book.txt").write_text("\n\n".join(f"Paragraph {i} of the book." for i in range(60)))
+  config = eval_config(**{"ptx_eval.source": "heldout", "ptx_eval.files": f"{tmp_path}/book.txt"})
+  [tail], _ = evaluate.pretraining_documents(config, None, str(tmp_path / "eval2"))
+  assert tail.strip().endswith("Paragraph 59 of the book.") and "Paragraph 0 " not in tail
 
 
 def test_run_dispatches_the_evaluate_stage():

@@ -37,6 +37,10 @@ def data_config(seq_len: int = 96, max_prompt_len: int = 64) -> config_dict.Conf
   d.max_k = 6                 # also the model input's K; longer rankings in files are an error
   d.seq_len = seq_len         # prompt + response + eos per row
   d.max_prompt_len = max_prompt_len
+  # The share of the training rankings this model trains on, by where a hash of the prompt falls
+  # in [0, 1) (`reward.in_share`): a held-out judge RM trains on [0.5, 1) while the proxy RM
+  # PPO optimises trains on [0, 0.5), so no comparison of one is the other's.
+  d.prompt_share = (0.0, 1.0)
   d.num_train_prompts = 2_000  # synthetic: "rm" split prompts to collect rankings for
   d.num_eval_prompts = 256     # synthetic: held-out "eval" split prompts
   return d
@@ -54,6 +58,9 @@ def get_config(arg: str = "tiny"):
   c.sampling.temperature = 1.0
   c.normalise = True           # fit gain/bias so SFT samples of PPO prompts get mean 0, std 1
   c.normalisation_prompts = 256
+  # JSONL of {"prompt"} the normalisation samples (e.g. the PPO prompts, prepare_data's
+  # ppo/prompts.jsonl); empty: the synthetic task's "ppo" split, or the training rankings' prompts.
+  c.normalisation_files = ""
   # Tiny, measured on 2 CPU cores (README, "Tiny settings"): at lr 3e-4 the loss stays near
   # ln 2 for the whole epoch; 1e-3 moves it (2e-3 is unstable), and a second epoch at 1e-3
   # only overfits (train loss 0.64, held-out accuracy down), as InstructGPT found. Four times the

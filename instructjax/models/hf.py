@@ -81,6 +81,17 @@ def read_hf_config(directory: str | os.PathLike) -> dict[str, Any]:
   return config
 
 
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+  """Whether `directory` is a Hugging Face checkpoint (its config.json names a `model_type`),
+  not one of our stage workdirs (whose config.json names a `stage`)."""
+  path = pathlib.Path(directory) / CONFIG_FILE
+  try:
+    config = json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, ValueError):
+    return False
+  return isinstance(config, dict) and "model_type" in config and "stage" not in config
+
+
 def _required(hf: Mapping[str, Any], name: str, where: str) -> int:
   value = hf.get(name)
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -80,16 +80,21 @@ def lm_sources(config, workdir: str) -> dict:
       paths["validation"] = split_paths(config.data.eval_files, "config.data.eval_files")
   else:
     raise InputError("config.data.source", f"{config.data.source!r} is not 'synthetic' or 'files'")
-  tfds.disable_progress_bar()
-  tfds_dir = os.path.join(data_dir, "tfds")
-  # One process builds; the others wait and then open the finished build.
-  if jax.process_index() == 0:
-    sources = builders.build(config.data.format, paths, tfds_dir)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("instructjax data built")
-  if jax.process_index() != 0:
-    sources = builders.build(config.data.format, paths, tfds_dir)
+  sources = built(config.data.format, paths, os.path.join(data_dir, "tfds"))
   if "validation" not in sources:
     raise InputError("config.data.eval_files", "no held-out split could be made from the training "
                      "files (a single record); give --config.data.eval_files")
+  return sources
+
+
+def built(kind: str, paths: dict[str, list[str]], tfds_dir: str) -> dict:
+  """The random-access sources of a TFDS build of `paths` (`builders.build`): one process
+  builds; the others wait and then open the finished build."""
+  tfds.disable_progress_bar()
+  if jax.process_index() == 0:
+    sources = builders.build(kind, paths, tfds_dir)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("instructjax data built")
+  if jax.process_index() != 0:
+    sources = builders.build(kind, paths, tfds_dir)
   return sources

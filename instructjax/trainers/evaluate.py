@@ -1,23 +1,35 @@
 """The stand-alone evaluation stage: InstructGPT's comparison of GPT, GPT-prompted, SFT, PPO and
-PPO-ptx, in miniature, on held-out prompts of the synthetic task.
+PPO-ptx, in miniature, on held-out prompts: the synthetic task's, or the user's own file.
 
 For every model whose workdir the config names (`config.models.{gpt,sft,ppo,ppo_ptx}`; any
-subset) it samples one response per held-out "eval" prompt and measures
+subset; `models.gpt` may also be a Hugging Face checkpoint directory, the pretrained model a
+real run starts from) it samples one response per prompt and measures
 
-  gold score        the task's gold scorer on the response (mean, 95 % CI);
-  win rate vs SFT   prompt by prompt, a higher gold score than SFT's wins, a tie counts half
-                    (Wilson interval; see `instructjax.evaluation`);
-  RM score          the reward model of `config.reward_from`, normalised as PPO saw it;
+  scores            per judge the run has (`evaluation.JUDGES`): the synthetic task's gold scorer
+                    (its own prompts only), the held-out judge RM of `config.judge_from` (trained
+                    on comparisons the proxy RM never saw), the proxy RM of `config.reward_from`
+                    (what PPO optimised), each RM normalised as it was fitted (mean, 95 % CI);
+  win rate vs SFT   per judge, prompt by prompt, a higher score than SFT's wins, a tie counts half
+                    (Wilson interval; see `instructjax.evaluation`); the first judge present is
+                    the report's headline;
   KL from SFT       mean over prompts of sum over response tokens of log pi - log pi_SFT, on one
                     temperature-1 sample per prompt from the model itself (a KL needs samples of
                     pi, whatever the decoding of the other metrics);
-  pretraining loss  next-token loss on held-out pretraining text (the alignment tax).
+  length, EOS rate  of the responses;
+  pretraining loss  next-token loss on held-out text (the alignment tax): the synthetic corpus,
+                    files, or the held-out part of a corpus (`ptx_eval.source`).
 
-"GPT-prompted" is the GPT checkpoint again, its prompts given `few_shot.n_shots` solved examples
-first (`SyntheticTask.few_shot_prompt`), with its own, longer `few_shot.prompt_len`; its gold and
-RM scores are of the response to the original prompt, and its KL compares pi_GPT(y | few-shot
-prompt) with pi_SFT(y | prompt). Responses are greedy by default (`config.greedy`): with a few
-hundred prompts, sampling noise would otherwise dominate the differences between models.
+and for each reward model its held-out pair accuracy by K on `config.rankings_file` (or the
+comparisons it collected). Prompts: `config.prompts_file` (e.g. prepare_data's
+eval/prompts.jsonl), else the synthetic task's held-out split; with a prompts file nothing in the
+report comes from the synthetic task (no gold scores, labeler ceiling or GPT-prompted).
+
+"GPT-prompted" (synthetic prompts only) is the GPT checkpoint again, its prompts given
+`few_shot.n_shots` solved examples first (`SyntheticTask.few_shot_prompt`), with its own, longer
+`few_shot.prompt_len`; its scores are of the response to the original prompt, and its KL compares
+pi_GPT(y | few-shot prompt) with pi_SFT(y | prompt). Responses are greedy by default
+(`config.greedy`): with a few hundred prompts, sampling noise would otherwise dominate the
+differences between models.
 
 This module is the thin model layer (load, sample, score); the statistics are in
 `instructjax/evaluation.py` and the report in `instructjax/report.py`. Model shapes come from
@@ -43,16 +55,23 @@ from instructjax.data.synthetic import what_differs
 from instructjax.data.tokenizers import Tokenizer
 from instructjax.errors import InputError
 from instructjax.metrics import read_metrics
+from instructjax.models import hf
 from instructjax.models.decoder import LanguageModel
 from instructjax.objectives import ppo, sft
 from instructjax.sampling import Sampler, SamplingConfig
-from instructjax.trainers import common, comparisons, generate, loop, reward, workdirs
+from instructjax.trainers import (common, comparisons, data_sources, generate, loop, reward,
+                                  workdirs)
 from instructjax.trainers.data_sources import synthetic_task
 
 # Where each model's LanguageModel parameters sit in its stage's checkpoint.
 CHECKPOINT_PATHS = {"gpt": ("params",), "sft": ("params",), "ppo": ("params", "policy"),
                     "ppo_ptx": ("params", "policy")}
 METRICS_FILE = "metrics.jsonl"
+# synthetic: the synthetic pretraining corpus; files: the texts of ptx_eval.files; heldout: the
+# part of ptx_eval.files a stage training on them holds out (PPO-ptx's ptx.files without
+# ptx.eval_files: every 20th record, or the tail of a single document; `builders.base`), the
+# text it never trained on; none: off.
+PTX_EVAL_SOURCES = ("synthetic", "files", "heldout", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,24 +96,66 @@ def _given(config) -> list[str]:
   return given
 
 
+def on_task(config) -> bool:
+  """Whether the prompts are the synthetic task's (no `prompts_file`): only then are there gold
+  scores, a labeler ceiling, few-shot examples and a synthetic pretraining corpus to report."""
+  return not config.prompts_file
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
-  """The workdirs the config names exist (a pipeline checks `check_settings` before its earlier
-  stages have made them, and this when the evaluation starts)."""
+  """The workdirs and files the config names exist (a pipeline checks `check_settings` before its
+  earlier stages have made them, and this when the evaluation starts)."""
   for name in _given(config):
     if not os.path.isdir(config.models[name]):
       raise InputError(f"config.models.{name}", f"{config.models[name]} is not a directory")
-  if config.reward_from and not os.path.isdir(config.reward_from):
-    raise InputError("config.reward_from", f"{config.reward_from} is not a directory")
+  for field in ("reward_from", "judge_from"):
+    if config[field] and not os.path.isdir(config[field]):
+      raise InputError(f"config.{field}", f"{config[field]} is not a directory")
+
+
+def eval_prompts(config, task) -> tuple[list[str], str]:
+  """(the evaluation's prompts, what they are): the first `num_prompts` of `prompts_file`, or the
+  synthetic task's `split`."""
+  if on_task(config):
+    return (task.prompts(config.num_prompts, config.split),
+            f"held-out prompts of the synthetic task's \"{config.split}\" split")
+  [path] = data_sources.split_paths(config.prompts_file, "config.prompts_file")
+  texts = [r["prompt"] for r in records.read_prompts(path)][:config.num_prompts]
+  if not texts:
+    raise InputError(path, "has no prompts")
+  return texts, f"prompts of {path}"
+
+
+def _check_data(config) -> None:
+  """The evaluation's data fields: the prompt and ranking files readable, and nothing synthetic
+  asked of a run on the user's prompts."""
+  if not on_task(config):
+    eval_prompts(config, None)  # the file is there and holds prompts
+    if config.ptx_eval.source == "synthetic":
+      raise InputError("config.ptx_eval.source", "is 'synthetic' but the prompts are "
+                       f"{config.prompts_file}: the alignment tax would be measured on the "
+                       "synthetic corpus; set ptx_eval.source=heldout (or files) with "
+                       "ptx_eval.files=..., or none")
+  if config.ptx_eval.source not in PTX_EVAL_SOURCES:
+    raise InputError("config.ptx_eval.source",
+                     f"{config.ptx_eval.source!r} is not one of {', '.join(PTX_EVAL_SOURCES)}")
+  if config.ptx_eval.source in ("files", "heldout"):
+    if not data_sources.split_paths(config.ptx_eval.files, "config.ptx_eval.files"):
+      raise InputError("config.ptx_eval.files", f"source={config.ptx_eval.source} needs at "
+                       "least one text file")
+  if config.rankings_file:
+    data_sources.split_paths(config.rankings_file, "config.rankings_file")
 
 
 def check_settings(config: ml_collections.ConfigDict, layout: common.Layout, model_cfg=None,
                    trained=None) -> None:
   """Every setting the evaluation uses, checked before any model is loaded or sampled: the
-  values below, the batch sizes over the mesh, and for each model it evaluates, its sampling
-  (prompt_len + max_new_tokens, also the KL's and the reference's; GPT-prompted's
+  values and files below, the batch sizes over the mesh, and for each model it evaluates, its
+  sampling (prompt_len + max_new_tokens, also the KL's and the reference's; GPT-prompted's
   few_shot.prompt_len) and pretraining-loss rows within its positions. Each model's ModelConfig
-  comes from its workdir's config.json (tokenizer checked by content), or `trained[workdir]` for
-  a model a pipeline has still to train. `model_cfg` is unused: each model has its own."""
+  comes from its workdir's config.json or Hugging Face checkpoint (tokenizer checked by
+  content), or `trained[workdir]` for a model a pipeline has still to train. `model_cfg` is
+  unused: each model has its own."""
   del model_cfg
   given = _given(config)
   if config.num_prompts < 1:
@@ -105,9 +166,7 @@ def check_settings(config: ml_collections.ConfigDict, layout: common.Layout, mod
                      f"{config.rm_train_rankings}")
   if config.few_shot.n_shots < 0:
     raise InputError("config.few_shot.n_shots", f"must be >= 0, got {config.few_shot.n_shots}")
-  if config.ptx_eval.source not in ("synthetic", "files", "none"):
-    raise InputError("config.ptx_eval.source",
-                     f"{config.ptx_eval.source!r} is not 'synthetic', 'files' or 'none'")
+  _check_data(config)
   evaluation.z_value(config.confidence)  # raises for a confidence outside (0, 1)
   from instructjax.trainers import stages
   s, e = config.sampling, config.ptx_eval
@@ -117,7 +176,7 @@ def check_settings(config: ml_collections.ConfigDict, layout: common.Layout, mod
     cfg = (trained or {}).get(workdir) or model_config_of(name, workdir, config, tokenizer)
     try:
       stages.check_sampling(s, layout, cfg, greedy=config.greedy)
-      if name == "gpt" and config.few_shot.n_shots > 0:  # GPT-prompted
+      if name == "gpt" and config.few_shot.n_shots > 0 and on_task(config):  # GPT-prompted
         common.check_seq_len(cfg, config.few_shot.prompt_len + s.max_new_tokens,
                              f"config.few_shot.prompt_len {config.few_shot.prompt_len} + "
                              f"config.sampling.max_new_tokens {s.max_new_tokens}")
@@ -130,7 +189,11 @@ def check_settings(config: ml_collections.ConfigDict, layout: common.Layout, mod
 
 
 def model_config_of(name: str, workdir: str, config, tokenizer: Tokenizer):
-  """The ModelConfig a workdir was trained with; its tokenizer must be the evaluation's."""
+  """The ModelConfig a workdir was trained with, or a Hugging Face checkpoint's (as
+  `init_from_hf` reads it: the config's runtime fields, the vocabulary padded to 128); its
+  tokenizer must be the evaluation's."""
+  if hf.is_checkpoint(workdir):
+    return common.model_config(_reading_hf(config, workdir), tokenizer, inherit=False)
   stored = workdirs.read_config(workdir)
   if stored is None:
     print(f"[evaluate] {workdir} has no config.json: using config.model for {name}", flush=True)
@@ -139,10 +202,22 @@ def model_config_of(name: str, workdir: str, config, tokenizer: Tokenizer):
   return common.ran_with(stored, tokenizer)
 
 
+def _reading_hf(config, checkpoint: str) -> ml_collections.ConfigDict:
+  """The config with `model.init_from_hf` pointed at `checkpoint`."""
+  copy = ml_collections.ConfigDict(config.to_dict())
+  copy.model.init_from_hf = checkpoint
+  return copy
+
+
 def load_policy(name: str, workdir: str, config, layout: common.Layout,
                 tokenizer: Tokenizer) -> Policy:
-  """The LanguageModel of a stage's latest checkpoint, sharded on `layout`."""
+  """The LanguageModel of a stage's latest checkpoint, or of a Hugging Face checkpoint, sharded
+  on `layout`."""
   model_cfg = model_config_of(name, workdir, config, tokenizer)
+  if hf.is_checkpoint(workdir):
+    model = workdirs.handle(lambda rngs: LanguageModel(model_cfg, rngs=rngs), model_cfg, layout)
+    params = common.hf_params(_reading_hf(config, workdir), layout, model_cfg)
+    return Policy(name, workdir, model, params, None)
   model, params = workdirs.restore_model(workdir, LanguageModel, model_cfg, layout,
                                          CHECKPOINT_PATHS[name])
   return Policy(name, workdir, model, params, workdirs.latest_step(workdir))
@@ -248,7 +323,7 @@ def pretraining_loss(policy: Policy, documents: Sequence[str], *, config,
     return float(losses["eval_loss"])
 
 
-def pretraining_documents(config, task) -> tuple[list[str], str]:
+def pretraining_documents(config, task, workdir: str) -> tuple[list[str], str]:
   """(held-out pretraining texts, what they are) for the alignment tax; ([], "") when off."""
   e = config.ptx_eval
   if e.source == "none":
@@ -256,11 +331,20 @@ def pretraining_documents(config, task) -> tuple[list[str], str]:
   if e.source == "synthetic":
     texts = task.pretraining_documents(e.num_documents, "eval")
     return texts, f"{len(texts)} held-out documents of the synthetic pretraining corpus"
-  paths = [p.strip() for p in e.files.split(",") if p.strip()]
-  if not paths:
-    raise InputError("config.ptx_eval.files", "source=files needs at least one text file")
-  texts = [r["text"] for path in paths for r in records.read_text(path)][:e.num_documents or None]
-  return texts, f"{len(texts)} documents of {', '.join(paths)}"
+  paths = data_sources.split_paths(e.files, "config.ptx_eval.files")
+  what = ", ".join(paths)
+  if e.source == "heldout":  # the builder PPO-ptx's ptx stream is built by holds it out
+    sources = data_sources.built("text", {"train": paths}, os.path.join(workdir, "data", "tfds"))
+    if "validation" not in sources:
+      raise InputError("config.ptx_eval.files", f"{what} has no held-out part (a single "
+                       "record too short to cut); give held-out text with ptx_eval.source=files")
+    held_out = sources["validation"]
+    texts = [pipeline.text_field(held_out[i], "text") for i in range(len(held_out))]
+    what = f"the held-out part of {what} (as the PPO-ptx stage holds it out)"
+  else:
+    texts = [r["text"] for path in paths for r in records.read_text(path)]
+  texts = texts[:e.num_documents or None]
+  return texts, f"{len(texts)} documents of {what}"
 
 
 @dataclasses.dataclass
@@ -317,7 +401,7 @@ def evaluate_model(name: str, policy: Policy, sft_policy: Policy | None, prompts
   completions = sample(policy, contexts, decoding, rng=jax.random.PRNGKey(config.seed), **kwargs)
   texts = [formatting.from_config(config).response_text(c.text) for c in completions]
   out: dict[str, Any] = dict(
-      gold=[task.score(p, t) for p, t in zip(prompts, texts)],
+      gold=[task.score(p, t) for p, t in zip(prompts, texts)] if task is not None else None,
       ended=[c.ended for c in completions], lengths=[len(c.tokens) for c in completions],
       prompts_truncated=sum(len(compiled.tokenizer.encode(c)) > prompt_len for c in contexts),
       workdir=policy.workdir, checkpoint_step=policy.step, texts=texts)
@@ -343,8 +427,10 @@ def evaluate_model(name: str, policy: Policy, sft_policy: Policy | None, prompts
 
 
 def add_rm_scores(outputs: dict[str, dict[str, Any]], prompts: Sequence[str], rm: RewardModel, *,
-                  batch_size: int, layout: common.Layout, tokenizer: Tokenizer) -> None:
-  """Sets outputs[name]["rm"]: every model's responses to the original prompts, in one pass."""
+                  batch_size: int, layout: common.Layout, tokenizer: Tokenizer,
+                  key: str = "rm") -> None:
+  """Sets outputs[name][key]: every model's responses to the original prompts scored by `rm`,
+  in one pass."""
   names = list(outputs)
   all_prompts = [p for _ in names for p in prompts]
   all_texts = [t for name in names for t in outputs[name]["texts"]]
@@ -352,7 +438,7 @@ def add_rm_scores(outputs: dict[str, dict[str, Any]], prompts: Sequence[str], rm
   scores = rm.score(all_prompts, all_texts, batch_size=batch_size, layout=layout,
                     tokenizer=tokenizer, ended=all_ended)
   for i, name in enumerate(names):
-    outputs[name]["rm"] = scores[i * len(prompts):(i + 1) * len(prompts)].tolist()
+    outputs[name][key] = scores[i * len(prompts):(i + 1) * len(prompts)].tolist()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -372,17 +458,41 @@ def training_curves(config) -> dict[str, dict[str, list]]:
   return curves
 
 
-def reward_model_summary(config, task) -> dict[str, Any] | None:
-  """The RM's held-out accuracy from its metrics.jsonl, with the labeler ceiling and agreement."""
-  if not config.reward_from:
-    return None
-  path = os.path.join(config.reward_from, METRICS_FILE)
+def reward_model_summary(reward_workdir: str, task) -> dict[str, Any]:
+  """A reward model's last held-out accuracy from its metrics.jsonl; with the synthetic task,
+  the labeler ceiling and the agreement of two labelers beside it."""
+  path = os.path.join(reward_workdir, METRICS_FILE)
   summary = evaluation.reward_model_summary(read_metrics(path)) if os.path.isfile(path) else None
   summary = dict(summary or {})
-  summary.setdefault("labeler_ceiling", task.labeler_agreement_ceiling())
-  summary["labeler_agreement"] = task.inter_labeler_agreement()
-  summary["workdir"] = config.reward_from
+  if task is not None:
+    summary.setdefault("labeler_ceiling", task.labeler_agreement_ceiling())
+    summary["labeler_agreement"] = task.inter_labeler_agreement()
+  summary["workdir"] = reward_workdir
   return summary
+
+
+def held_out_rankings(config, reward_workdir: str) -> tuple[list[dict], str]:
+  """(rankings, where from) to measure a reward model's accuracy by K on: `rankings_file`, else
+  the held-out comparisons the RM collected; ([], "") when there are none."""
+  path = config.rankings_file or os.path.join(reward_workdir, comparisons.COMPARISONS_DIR,
+                                              "eval.jsonl")
+  if not os.path.isfile(path):
+    return [], ""
+  rankings, _ = read_rankings(path)
+  return rankings, path
+
+
+def accuracy_by_k(rm: RewardModel, rankings: Sequence[dict], *, batch_size: int, layout,
+                  tokenizer: Tokenizer) -> dict[str, dict[str, float]]:
+  """`evaluation.pair_accuracy_by_k` of the RM's scores of every ranking's responses, each read
+  by the scoring rule (an EOS only where it `ended`)."""
+  prompts = [r["prompt"] for r in rankings for _ in r["responses"]]
+  responses = [t for r in rankings for t in r["responses"]]
+  ended = [e for r in rankings for e in r.get("ended") or [True] * len(r["responses"])]
+  scores = iter(rm.score(prompts, responses, batch_size=batch_size, layout=layout,
+                         tokenizer=tokenizer, ended=ended).tolist())
+  return evaluation.pair_accuracy_by_k(
+      (r["ranks"], [next(scores) for _ in r["responses"]]) for r in rankings)
 
 
 def _sft_log_likelihoods(sft_policy: Policy, prompts: Sequence[str], responses: Sequence[str], *,
@@ -470,18 +580,74 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
   return out
 
 
-def _settings(config, documents_text: str) -> dict[str, Any]:
+def _settings(config, prompts_text: str, documents_text: str, judges: dict) -> dict[str, Any]:
   s = config.sampling
   decoding = ("greedy decoding" if config.greedy else
               f"sampling at temperature {s.temperature} (top_k={s.top_k}, top_p={s.top_p})")
   decoding += f", at most {s.max_new_tokens} tokens"
   kl = ("sum over the response tokens of log pi - log pi_SFT, on one temperature-1 sample per "
         "prompt from each model" if config.kl_from_sft else "")
-  return dict(num_prompts=config.num_prompts, split=config.split, decoding=decoding,
-              kl_decoding=kl, pretraining_text=documents_text, confidence=config.confidence,
-              few_shot_n_shots=config.few_shot.n_shots, prompt_len=s.prompt_len,
-              few_shot_prompt_len=config.few_shot.prompt_len, task_seed=config.synthetic.seed,
-              seed=config.seed)
+  out = dict(num_prompts=config.num_prompts, prompts=prompts_text, decoding=decoding,
+             kl_decoding=kl, pretraining_text=documents_text, confidence=config.confidence,
+             prompt_len=s.prompt_len, judges=judges, seed=config.seed)
+  if on_task(config):
+    out.update(split=config.split, few_shot_n_shots=config.few_shot.n_shots,
+               few_shot_prompt_len=config.few_shot.prompt_len, task_seed=config.synthetic.seed)
+  return out
+
+
+def _skipped(config, given: dict[str, str]) -> dict[str, str]:
+  """The models of the paper's comparison this evaluation leaves out, and why."""
+  skipped = {name: f"no workdir given (--config.models.{name})" for name in CHECKPOINT_PATHS
+             if name not in given}
+  if "gpt" not in given:
+    skipped["gpt_prompted"] = "no GPT workdir given (--config.models.gpt)"
+  elif not on_task(config):
+    skipped["gpt_prompted"] = "no few-shot examples for these prompts"
+  elif config.few_shot.n_shots == 0:
+    skipped["gpt_prompted"] = "config.few_shot.n_shots is 0"
+  return skipped
+
+
+def _judges(config) -> dict[str, str]:
+  """{judge: what it is} of the judges this evaluation scores with, in `evaluation.JUDGES`
+  order (the first is the headline)."""
+  out = {}
+  if on_task(config):
+    out["gold"] = "the synthetic task's gold scorer"
+  if config.judge_from:
+    out["judge"] = (f"the held-out judge reward model of {config.judge_from}, trained on "
+                    "comparisons the proxy reward model never saw")
+  if config.reward_from:
+    out["rm"] = (f"the proxy reward model of {config.reward_from}, the reward PPO optimised "
+                 "(a policy that games it wins here without being better)")
+  return out
+
+
+def _reward_models(config, task, sft_policy, compiled: Compiled, rms: dict) -> dict[str, Any]:
+  """{"reward_model": proxy summary, "judge_model": judge summary}, each with its accuracy by K
+  on the held-out rankings; the proxy's also broken down by what differs (synthetic)."""
+  layout, tokenizer, batch = compiled.layout, compiled.tokenizer, config.sampling.batch_size
+  out = {}
+  for key, field in (("reward_model", "reward_from"), ("judge_model", "judge_from")):
+    workdir = config[field]
+    if not workdir:
+      continue
+    summary = reward_model_summary(workdir, task)
+    rankings, where = held_out_rankings(config, workdir)
+    if rankings:
+      summary["by_k"] = accuracy_by_k(rms[field], rankings, batch_size=batch, layout=layout,
+                                      tokenizer=tokenizer)
+      summary["by_k_rankings"] = where
+    if task is not None and field == "reward_from":
+      breakdown = reward_model_breakdown(rms[field], workdir, task, layout=layout,
+                                         tokenizer=tokenizer, batch_size=batch,
+                                         sft_policy=sft_policy, compiled=compiled,
+                                         train_rankings=config.rm_train_rankings)
+      if breakdown:
+        summary["by_difference"] = breakdown
+    out[key] = summary
+  return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -491,18 +657,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   layout = common.Layout.from_config(config)
   check_settings(config, layout)
   tokenizer = common.tokenizer_from_config(config)
-  task = synthetic_task(config)
-  prompts = task.prompts(config.num_prompts, config.split)
-  documents, documents_text = pretraining_documents(config, task)
-  rm = load_reward(config.reward_from, layout) if config.reward_from else None
+  task = synthetic_task(config) if on_task(config) else None
+  prompts, prompts_text = eval_prompts(config, task)
+  documents, documents_text = pretraining_documents(config, task, workdir)
+  rms = {field: load_reward(config[field], layout) for field in ("reward_from", "judge_from")
+         if config[field]}
   given = {name: config.models[name] for name in CHECKPOINT_PATHS if config.models[name]}
-  skipped = {name: f"no workdir given (--config.models.{name})" for name in CHECKPOINT_PATHS
-             if name not in given}
-  if "gpt" not in given:
-    skipped["gpt_prompted"] = "no GPT workdir given (--config.models.gpt)"
-  elif config.few_shot.n_shots == 0:
-    skipped["gpt_prompted"] = "config.few_shot.n_shots is 0"
-
+  skipped = _skipped(config, given)
   compiled = Compiled(layout, tokenizer)
   policies: dict[str, Policy] = {}
 
@@ -522,26 +683,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if name != "gpt":  # frees what no later model needs; GPT-prompted follows GPT
       for done in [k for k in policies if k != "sft"]:
         del policies[done]
-    gold = float(np.mean(outputs[name]["gold"]))
-    print(f"[evaluate] {evaluation.LABELS[name]}: gold score {gold:.3f}", flush=True)
+    print(f"[evaluate] {evaluation.LABELS[name]}: {len(prompts)} responses, mean length "
+          f"{np.mean(outputs[name]['lengths']):.1f} tokens", flush=True)
 
-  if rm is not None:
-    add_rm_scores(outputs, prompts, rm, batch_size=config.sampling.batch_size, layout=layout,
-                  tokenizer=tokenizer)
+  for field, key in (("reward_from", "rm"), ("judge_from", "judge")):
+    if field in rms:
+      add_rm_scores(outputs, prompts, rms[field], batch_size=config.sampling.batch_size,
+                    layout=layout, tokenizer=tokenizer, key=key)
   texts = {name: out.pop("texts") for name, out in outputs.items()}
-  results = dict(settings=_settings(config, documents_text),
+  results = dict(settings=_settings(config, prompts_text, documents_text, _judges(config)),
                  models=evaluation.summarise(outputs, config.confidence), skipped=skipped,
                  examples=[dict(prompt=p, responses={name: texts[name][i] for name in texts})
                            for i, p in enumerate(prompts[:config.report_examples])])
-  rm_summary = reward_model_summary(config, task)
-  if rm_summary:
-    breakdown = reward_model_breakdown(rm, config.reward_from, task, layout=layout,
-                                       tokenizer=tokenizer, batch_size=config.sampling.batch_size,
-                                       sft_policy=sft_policy, compiled=compiled,
-                                       train_rankings=config.rm_train_rankings)
-    if breakdown:
-      rm_summary["by_difference"] = breakdown
-    results["reward_model"] = rm_summary
+  results.update(_reward_models(config, task, sft_policy, compiled, rms))
   if jax.process_index() == 0:
     written = report.write_report(workdir, results, training_curves(config))
     print(f"[evaluate] wrote {written['markdown']}", flush=True)

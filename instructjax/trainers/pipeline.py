@@ -34,18 +34,23 @@ import ml_collections
 
 from instructjax.errors import InputError
 
-# The pipeline's stages in order: (name = config section = subdirectory, its links: a field of
-# its section -> the earlier stage whose workdir the pipeline puts there). Each section's own
-# `stage` field says which trainer runs it (`stages.STAGES`). A stage is built from the stages it
-# links to: rerunning one reruns every stage built from it.
+# The stages a pipeline may have, in order: (name = config section = subdirectory, its links: a
+# field of its section -> the earlier stage whose workdir the pipeline puts there). A pipeline has
+# the stages its config has a section for (the default: all but the judge; the real recipe: no
+# pretrain), and a link to a stage it does not have is left as the config sets it (the real
+# recipe's SFT starts from `model.init_from_hf`, its evaluation's GPT is that checkpoint). Each
+# section's own `stage` field says which trainer runs it (`stages.STAGES`). A stage is built from
+# the stages it links to: rerunning one reruns every stage built from it.
 STAGES = (
     ("pretrain", {}),
     ("sft", {"init_from": "pretrain"}),
     ("reward", {"init_from": "sft"}),
+    # A held-out judge: a second reward model, on a disjoint share of the comparisons.
+    ("judge", {"init_from": "sft"}),
     ("ppo", {"init_from": "sft", "reward_from": "reward"}),
     ("ppo_ptx", {"init_from": "sft", "reward_from": "reward"}),
     ("evaluate", {"models.gpt": "pretrain", "models.sft": "sft", "models.ppo": "ppo",
-                  "models.ppo_ptx": "ppo_ptx", "reward_from": "reward"}),
+                  "models.ppo_ptx": "ppo_ptx", "reward_from": "reward", "judge_from": "judge"}),
 )
 STAGE_NAMES = tuple(name for name, _ in STAGES)
 STAGE_LINKS = dict(STAGES)
@@ -63,40 +68,54 @@ RECORD_FILE = "pipeline.json"  # what decided the stage, written when it starts
 DONE_FILE = "done.json"        # the same and a run id, written when it finishes
 
 
+@dataclasses.dataclass(frozen=True)
+class Graph:
+  """The stages one pipeline config has, and which of them each is built from."""
+  names: tuple[str, ...]
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> "Graph":
+    return cls(tuple(name for name in STAGE_NAMES if name in config))
+
+  def links(self, name: str) -> dict[str, str]:
+    """The stage's links to stages this pipeline has."""
+    return {field: source for field, source in STAGE_LINKS[name].items() if source in self.names}
+
+  def built_from(self, name: str) -> set[str]:
+    """The stages whose workdirs `name` reads."""
+    return set(self.links(name).values())
+
+  def built_on(self, names) -> set[str]:
+    """`names` and every stage built from them, directly or not."""
+    out = set(names)
+    for name in self.names:  # in order: a stage's sources come before it
+      if self.built_from(name) & out:
+        out.add(name)
+    return out
+
+  def sources_of(self, names) -> set[str]:
+    """`names` and every stage they are built from, directly or not."""
+    out = set(names)
+    for name in reversed(self.names):
+      if name in out:
+        out |= self.built_from(name)
+    return out
+
+  def ordered(self, names) -> list[str]:
+    return [name for name in self.names if name in names]
+
+
 def stage_config(config: ml_collections.ConfigDict, name: str, workdir: str):
   """The stage's own config with its links pointed at the earlier stages' workdirs."""
   section = config[name]
   with section.unlocked():
-    for field, source in STAGE_LINKS[name].items():
+    for field, source in Graph.of(config).links(name).items():
       *parents, leaf = field.split(".")
       target = section
       for parent in parents:
         target = target[parent]
       target[leaf] = os.path.join(workdir, source)
   return section
-
-
-def built_from(name: str) -> set[str]:
-  """The stages whose workdirs `name` reads."""
-  return set(STAGE_LINKS[name].values())
-
-
-def built_on(names) -> set[str]:
-  """`names` and every stage built from them, directly or not."""
-  out = set(names)
-  for name in STAGE_NAMES:  # in order: a stage's sources come before it
-    if built_from(name) & out:
-      out.add(name)
-  return out
-
-
-def sources_of(names) -> set[str]:
-  """`names` and every stage they are built from, directly or not."""
-  out = set(names)
-  for name in reversed(STAGE_NAMES):
-    if name in out:
-      out |= built_from(name)
-  return out
 
 
 # ----------------------------------------------------------------------------- records
@@ -197,19 +216,20 @@ def publish_report(evaluate_dir: str, workdir: str) -> None:
     shutil.copy2(path, workdir)
 
 
-def selected_stages(stages: str) -> list[str]:
+def selected_stages(stages: str, known: Sequence[str] = STAGE_NAMES) -> list[str]:
   """The stages named in `config.stages` (comma-separated), in pipeline order."""
-  return _stage_list(stages, "config.stages", allow_empty=False)
+  return _stage_list(stages, "config.stages", known, allow_empty=False)
 
 
-def _stage_list(stages: str | Sequence[str], where: str, allow_empty: bool) -> list[str]:
-  known = STAGE_NAMES
+def _stage_list(stages: str | Sequence[str], where: str, known: Sequence[str],
+                allow_empty: bool) -> list[str]:
   items = stages.split(",") if isinstance(stages, str) else stages
   asked = [name.strip() for name in items if name.strip()]
   unknown = sorted(set(asked) - set(known))
   if unknown or not (asked or allow_empty):
     problem = f"unknown stages {unknown}" if unknown else "names no stage"
-    raise InputError(where, f"{','.join(asked)!r}: {problem}; choose from {','.join(known)}")
+    raise InputError(where, f"{','.join(asked)!r}: {problem}; this pipeline has "
+                     f"{','.join(known)}")
   return [name for name in known if name in asked]
 
 
@@ -236,22 +256,23 @@ def plan(config: ml_collections.ConfigDict, workdir: str, names: Sequence[str],
   absent (not selected, not in the workdir, or removed). Checked are the selected stages and
   every stage they are built from (which they read from the workdir).
   """
-  rerun = _stage_list(rerun, "--rerun", allow_empty=True)
+  graph = Graph.of(config)
+  rerun = _stage_list(rerun, "--rerun", graph.names, allow_empty=True)
   unselected = [name for name in rerun if name not in names]
   if unselected:
     raise InputError("--rerun", f"names {unselected}, which config.stages "
                      f"({','.join(names)}) does not run")
-  removed = built_on(rerun)
-  needed = sources_of(names)
+  removed = graph.built_on(rerun)
+  needed = graph.sources_of(names)
   state: dict[str, str] = {}
   remove, notes, problems, causes = [], [], [], []
   if rerun:
-    gone = [n for n in STAGE_NAMES if n in removed and os.path.isdir(os.path.join(workdir, n))]
+    gone = [n for n in graph.ordered(removed) if os.path.isdir(os.path.join(workdir, n))]
     remove += gone
     if gone:
       notes.append(f"--rerun={','.join(rerun)}: removing {', '.join(gone)} (the stages asked "
                    "for and every stage built from them)")
-  for name in STAGE_NAMES:
+  for name in graph.names:
     stage_dir = os.path.join(workdir, name)
     selected = name in names
     if name in removed or not os.path.isdir(stage_dir):
@@ -278,11 +299,11 @@ def plan(config: ml_collections.ConfigDict, workdir: str, names: Sequence[str],
         remove.append(name)
         notes.append(f"{name}: started earlier with other settings but left nothing to resume; "
                      "starting it afresh")
-  for name in STAGE_NAMES:  # the stages it was built from must be the runs it was built from
+  for name in graph.names:  # the stages it was built from must be the runs it was built from
     if state[name] not in ("reuse", "resume") or name not in needed:
       continue
     _, inputs = recorded(os.path.join(workdir, name), workdir)
-    for source in sorted(built_from(name), key=STAGE_NAMES.index):
+    for source in graph.ordered(graph.built_from(name)):
       source_dir = os.path.join(workdir, source)
       if state[source] in ("fresh", "resume"):
         problems.append(f"{name} was built from {source}, which runs again now")
@@ -295,18 +316,18 @@ def plan(config: ml_collections.ConfigDict, workdir: str, names: Sequence[str],
   for name in names:  # what a stage that runs reads must be there by then
     if state[name] not in ("fresh", "resume"):
       continue
-    for source in sorted(built_from(name), key=STAGE_NAMES.index):
+    for source in graph.ordered(graph.built_from(name)):
       if state[source] not in ("reuse", "fresh", "resume"):
         problems.append(f"{name} starts from {source}, which is neither finished in the workdir "
                         f"nor selected in config.stages (add {source} to it)")
   if problems:
-    roots = [n for n in STAGE_NAMES if n in causes
-             and not any(n in built_on([c]) - {c} for c in causes)]
+    roots = [n for n in graph.ordered(causes)
+             if not any(n in graph.built_on([c]) - {c} for c in causes)]
     ways = ""
     if roots:
       also = [n for n in roots if n not in names]
       ways = (f"\nTo go on, use a fresh --workdir, or add --rerun={','.join(roots)} to delete "
-              f"{', '.join(n for n in STAGE_NAMES if n in built_on(roots))} and run them again "
+              f"{', '.join(graph.ordered(graph.built_on(roots)))} and run them again "
               "with this config"
               + (f" (config.stages must include {','.join(also)})" if also else "") + ".")
     raise InputError(f"--workdir {workdir}", "its stages do not match this config:\n  - "
@@ -320,10 +341,11 @@ def planned_models(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
   `common.model_config` does once that stage's config.json exists."""
   from instructjax.trainers import common
   out: dict[str, Any] = {}
-  for name in STAGE_NAMES:
+  graph = Graph.of(config)
+  for name in graph.names:
     section = stage_config(config, name, workdir)
     out[name] = common.model_config(section, common.tokenizer_from_config(section), inherit=False,
-                                    source=out.get(STAGE_LINKS[name].get("init_from")))
+                                    source=out.get(graph.links(name).get("init_from")))
   return out
 
 
@@ -349,14 +371,17 @@ def check_stages(config: ml_collections.ConfigDict, workdir: str, names: Sequenc
 # draws scores PPO's rollouts off its scale. (batch_size is a memory setting; the evaluation may
 # sample differently on purpose, e.g. greedily.)
 SAMPLED_FIELDS = ("prompt_len", "max_new_tokens", "temperature", "top_k", "top_p")
-SAMPLING_STAGES = ("reward", "ppo", "ppo_ptx")
+SAMPLING_STAGES = ("reward", "judge", "ppo", "ppo_ptx")
 
 
 def check_one_sampling(config: ml_collections.ConfigDict) -> None:
   """The run's stages that sample for training draw alike (`SAMPLED_FIELDS`), else an error
   naming the field and the two values."""
-  first = SAMPLING_STAGES[0]
-  for name in SAMPLING_STAGES[1:]:
+  present = [name for name in SAMPLING_STAGES if name in config]
+  if not present:
+    return
+  first = present[0]
+  for name in present[1:]:
     for field in SAMPLED_FIELDS:
       mine, theirs = config[name].sampling[field], config[first].sampling[field]
       if mine != theirs:
@@ -385,8 +410,10 @@ def _remove(workdir: str, names: Sequence[str]) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str, rerun: Sequence[str] = ()) -> None:
   """Runs the selected stages in order; `rerun`: stages to delete and run again, with every stage
   built from them (`--rerun` of experiments.run)."""
-  from instructjax.trainers import stages
-  names = selected_stages(config.stages)
+  from instructjax.trainers import recipe, stages
+  if recipe.is_recipe(config):
+    recipe.resolve(config)
+  names = selected_stages(config.stages, Graph.of(config).names)
   the_plan = plan(config, workdir, names, rerun)
   check_stages(config, workdir, [name for name in names if the_plan.runs(name)])
   check_one_sampling(config)
@@ -404,7 +431,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, rerun: Sequence[str] = 
     section = stage_config(config, name, workdir)
     record = dict(config=decisive(section.to_dict(), workdir),
                   inputs={source: run_id(os.path.join(workdir, source))
-                          for source in sorted(built_from(name), key=STAGE_NAMES.index)})
+                          for source in Graph.of(config).ordered(
+                              Graph.of(config).built_from(name))})
     write_record(stage_dir, record)
     stage_started = time.perf_counter()
     final = stages.stage_runner(section.stage)(section, stage_dir)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 from typing import Any, Callable, Sequence
 
@@ -30,8 +31,8 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from instructjax import parallel
-from instructjax.data import formatting, ranking_batches, rankings
-from instructjax.data.records import iter_jsonl
+from instructjax.data import formatting, ranking_batches, rankings, records
+from instructjax.data.records import iter_jsonl, write_jsonl
 from instructjax.data.builders import rankings as rankings_builder
 from instructjax.data.synthetic import SyntheticTask
 from instructjax.errors import InputError
@@ -70,7 +71,45 @@ def check_files(paths: Sequence[str], *, max_k: int, on_bad: str) -> rankings.St
   return stats
 
 
-def _sources_from_files(config) -> tuple[dict[str, list[str]], rankings.Stats]:
+def in_share(prompt: str, share: Sequence[float]) -> bool:
+  """Whether `prompt` belongs to the [low, high) share of prompts: sha256 of the prompt, salted
+  so that the share is independent of prepare_data's split into sets, read as a number in
+  [0, 1)."""
+  digest = hashlib.sha256(("rm share\0" + prompt).encode("utf-8")).digest()
+  low, high = share
+  return low <= int.from_bytes(digest[:8], "big") / 2.0 ** 64 < high
+
+
+def whole_share(share: Sequence[float]) -> bool:
+  return tuple(share) == (0.0, 1.0)
+
+
+def check_share(share) -> None:
+  if (len(share) != 2 or not all(isinstance(x, (int, float)) for x in share)
+      or not 0.0 <= share[0] < share[1] <= 1.0):
+    raise InputError("config.data.prompt_share", f"must be (low, high) with 0 <= low < high <= "
+                     f"1, got {tuple(share)}")
+
+
+def _write_share(paths: Sequence[str], share, workdir: str) -> list[str]:
+  """The training rankings whose prompt is in `share`, written (process 0) to
+  `<workdir>/data/share-LOW-HIGH.jsonl` in the order read."""
+  out = os.path.join(workdir, "data", f"share-{share[0]:g}-{share[1]:g}.jsonl")
+  kept = [value for path in paths for _, value in iter_jsonl(path)  # bad ones were counted
+          if isinstance(value, dict) and isinstance(value.get("prompt"), str)
+          and in_share(value["prompt"], share)]
+  if not kept:
+    raise InputError("config.data.prompt_share", f"{tuple(share)} keeps none of the training "
+                     f"rankings of {', '.join(paths)}")
+  if jax.process_index() == 0:
+    write_jsonl(out, kept)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("instructjax ranking share written")
+  print(f"[reward] data.prompt_share {tuple(share)}: {len(kept)} training rankings", flush=True)
+  return [out]
+
+
+def _sources_from_files(config, workdir: str) -> tuple[dict[str, list[str]], rankings.Stats]:
   d = config.data
   paths = {"train": data_sources.split_paths(d.train_files, "config.data.train_files")}
   if not paths["train"]:
@@ -79,6 +118,8 @@ def _sources_from_files(config) -> tuple[dict[str, list[str]], rankings.Stats]:
     paths["validation"] = data_sources.split_paths(d.eval_files, "config.data.eval_files")
   stats = check_files([p for split in paths.values() for p in split], max_k=d.max_k,
                       on_bad=d.on_bad)
+  if not whole_share(d.prompt_share):
+    paths["train"] = _write_share(paths["train"], d.prompt_share, workdir)
   return paths, stats
 
 
@@ -106,6 +147,12 @@ def check_data_config(config) -> None:
     raise InputError("config.data.source", f"{d.source!r} is not 'synthetic' or 'files'")
   rankings.check_on_bad(d.on_bad)
   comparisons.check_k_range(d.min_k, d.max_k)
+  check_share(d.prompt_share)
+  if d.source == "synthetic" and not whole_share(d.prompt_share):
+    raise InputError("config.data.prompt_share", "applies to ranking files (source=files); "
+                     "synthetic comparisons are collected per run")
+  if config.normalisation_files:
+    data_sources.split_paths(config.normalisation_files, "config.normalisation_files")
 
 
 def check_settings(config, layout: common.Layout, model_cfg, trained=None) -> None:
@@ -172,7 +219,7 @@ def datasets(config, workdir: str, layout: common.Layout, tokenizer, model_cfg,
     where = comparisons.paths(workdir)
     paths, on_bad = {"train": [where["train"]], "validation": [where["validation"]]}, "error"
   else:
-    paths, file_stats = _sources_from_files(config)
+    paths, file_stats = _sources_from_files(config, workdir)
     on_bad = d.on_bad
   sources = ranking_sources(config, workdir, paths, on_bad)
   kwargs = dict(seq_len=d.seq_len, max_prompt_len=d.max_prompt_len, max_k=d.max_k,
@@ -307,7 +354,11 @@ def reference_samples(config, layout, tokenizer, model_cfg, task, train_source):
   """
   n = config.normalisation_prompts
   if config.init_from:
-    if task is not None:
+    if config.normalisation_files:
+      paths = data_sources.split_paths(config.normalisation_files, "config.normalisation_files")
+      prompts = [r["prompt"] for path in paths for r in records.read_prompts(path)][:n]
+      where = f"{len(prompts)} prompts of {', '.join(paths)}"
+    elif task is not None:
       prompts = task.prompts(n, "ppo")
       where = f"{n} prompts of the synthetic 'ppo' split"
     else:
