@@ -47,10 +47,14 @@ def from_hf(source: str, out: str, *, mesh: dict[str, int], vocab_size: int | No
             step: int = 0) -> dict[str, Any]:
   """HF directory -> `out`/checkpoints/<step> + `out`/config.json; returns the config written."""
   layout = parallel.make_mesh(mesh)
+  tokenizer_section = hf.tokenizer_section(source)
+  if vocab_size is None:  # as `init_from_hf` reads the same checkpoint
+    tokenizer = hf.make_tokenizer(**tokenizer_section) if tokenizer_section else None
+    vocab_size = common.hf_vocab_size(hf.hf_model_overrides(source)["vocab_size"], tokenizer)
   model_cfg, params = hf.import_hf(source, mesh=layout, vocab_size=vocab_size)
   # Only the architecture: dtype, dropout and remat stay the training config's choice.
   written = {"model": dict(hf.hf_model_overrides(source), vocab_size=model_cfg.vocab_size),
-             "tokenizer": hf.tokenizer_section(source),
+             "tokenizer": tokenizer_section,
              "converted_from_hf": os.path.abspath(source)}
   with checkpoint.Checkpointer(os.path.join(out, "checkpoints"), save_every=1, keep=1) as ckpt:
     if ckpt.latest_step() is not None:  # saving would silently keep the old weights
@@ -135,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--trim_vocab", action="store_true",
                       help="with --to_hf: drop the embedding rows beyond the tokenizer's vocab")
   parser.add_argument("--vocab_size", type=int, default=None,
-                      help="with --from_hf: pad the embedding to this size (e.g. a multiple of 128)")
+                      help="with --from_hf: pad the embedding to this size (default: the "
+                      "checkpoint's vocabulary padded to a multiple of 128, as init_from_hf does)")
   parser.add_argument("--mesh", default="data=1,fsdp=-1,tensor=1",
                       help="devices to shard the parameters over while converting")
   return parser

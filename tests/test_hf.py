@@ -322,6 +322,20 @@ def test_cli_from_hf_then_to_hf_round_trips(tmp_path, capsys):
   assert "config.json" in capsys.readouterr().err
 
 
+def test_cli_from_hf_pads_the_vocabulary_as_init_from_hf_does(tmp_path):
+  from experiments.configs import sft as sft_configs
+  from instructjax.trainers import common
+  hf.export_hf(random_params(tiny("gpt2", vocab_size=300)), tiny("gpt2", vocab_size=300),
+               tmp_path / "hf")
+  assert convert.main(["--from_hf", str(tmp_path / "hf"), "--to", str(tmp_path / "work")]) == 0
+  converted = json.loads((tmp_path / "work" / "config.json").read_text())["model"]["vocab_size"]
+  config = sft_configs.get_config("tiny")
+  with config.unlocked():
+    config.model.init_from_hf = str(tmp_path / "hf")
+  direct = common.model_config(config, common.tokenizer_from_config(config))
+  assert converted == direct.vocab_size == 384  # 300 padded to a multiple of 128, both ways
+
+
 def test_cli_to_hf_reads_a_trainer_config_with_its_tokenizer(tmp_path):
   cfg = tiny("gpt2", vocab_size=384)
   params = random_params(cfg)

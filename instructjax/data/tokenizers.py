@@ -709,20 +709,6 @@ class SentencePieceTokenizer(Tokenizer):
 TOKENIZER_KINDS = ("byte", "gpt2", "hf_json", "sentencepiece")
 
 
-def kind_in(directory: str | pathlib.Path) -> str:
-  """The tokenizer kind a checkpoint directory's files are read as: "gpt2" for vocab.json +
-  merges.txt, else "hf_json" for tokenizer.json, else "sentencepiece" for tokenizer.model."""
-  path = pathlib.Path(directory)
-  if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-    return "gpt2"
-  if (path / "tokenizer.json").is_file():
-    return "hf_json"
-  if (path / "tokenizer.model").is_file():
-    return "sentencepiece"
-  raise InputError(str(directory), "holds no tokenizer files (vocab.json + merges.txt, "
-                   "tokenizer.json or tokenizer.model)")
-
-
 def make_tokenizer(kind: str = "byte", path: str | pathlib.Path | None = None,
                    special_tokens_in_text: bool = False) -> Tokenizer:
   """Builds a tokenizer from a config.

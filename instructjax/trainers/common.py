@@ -74,8 +74,8 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
     from instructjax.models import hf
     overrides = hf.hf_model_overrides(hf_dir)
     fields.update({k: v for k, v in overrides.items() if k != "vocab_size"})
-    fields["vocab_size"] = fields.get("vocab_size") or pad_vocab(
-        max(overrides["vocab_size"], tokenizer.vocab_size))
+    fields["vocab_size"] = fields.get("vocab_size") or hf_vocab_size(overrides["vocab_size"],
+                                                                     tokenizer)
   if fields.get("vocab_size") is None:
     fields["vocab_size"] = pad_vocab(tokenizer.vocab_size)
   if fields.get("real_vocab_size") is None:
@@ -84,6 +84,13 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer, *,
     raise InputError("config.model.vocab_size", f"{fields['vocab_size']} is smaller than the "
                      f"tokenizer's vocabulary ({tokenizer.vocab_size})")
   return ModelConfig.from_mapping(fields)
+
+
+def hf_vocab_size(checkpoint_vocab: int, tokenizer: Tokenizer | None) -> int:
+  """The one rule for a Hugging Face checkpoint's embedding rows here (`init_from_hf` and
+  `experiments.convert --from_hf` alike): the checkpoint's vocabulary, or the tokenizer's if
+  larger, padded to a multiple of 128 (the extra rows are zeros no token id reaches)."""
+  return pad_vocab(max(checkpoint_vocab, tokenizer.vocab_size if tokenizer else 0))
 
 
 def started_from(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ModelConfig | None:

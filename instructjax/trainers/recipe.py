@@ -26,7 +26,6 @@ import os
 
 import ml_collections
 
-from instructjax.data import tokenizers
 from instructjax.errors import InputError
 from instructjax.models import hf
 
@@ -85,8 +84,13 @@ def resolve(config: ml_collections.ConfigDict) -> None:
     return os.path.join(data, name) if counts.get(name) else ""
 
   special = bool(summary.get("chat_template", {}).get("special_tokens_in_text"))
-  tokenizer = dict(kind=config.tokenizer_kind or tokenizers.kind_in(ckpt), path=ckpt,
-                   special_tokens_in_text=special)
+  tokenizer = (dict(kind=config.tokenizer_kind, path=ckpt) if config.tokenizer_kind
+               else hf.tokenizer_section(ckpt))
+  if tokenizer is None:
+    raise InputError("config.init_from_hf", f"{ckpt} holds no tokenizer files (vocab.json + "
+                     "merges.txt, tokenizer.model or tokenizer.json); set --config.tokenizer_kind "
+                     "and put them there")
+  tokenizer = dict(tokenizer, special_tokens_in_text=special)
   share = 1.0 - config.judge_share
   with config.unlocked():
     for name in ("pretrain", "sft", "reward", "judge", "ppo", "ppo_ptx", "evaluate"):
