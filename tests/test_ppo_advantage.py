@@ -164,6 +164,92 @@ def test_whitened_advantages_have_zero_mean_and_unit_variance_over_real_tokens()
 
 
 # ---------------------------------------------------------------------------------------------
+# value_head_fit: the value head's (scale, bias) fitted to the first rollout's returns
+# ---------------------------------------------------------------------------------------------
+
+def value_fit_reference(rollout, beta, cfg: ppo.PPOConfig):
+  """numpy least squares of the fixed point: with V' = a * values + b, the residual
+  e(a, b) = V' - returns(V') over real tokens, returns by the loop reference above (shaping,
+  whitening and GAE one token at a time). GAE is linear, so e is affine in (a, b) and its three
+  evaluations at (0, 0), (1, 0), (0, 1) give the design; np.linalg.lstsq solves it.
+  Returns (a, b, 0.5 * mean e^2, e as a function of (a, b))."""
+  mask = np.asarray(rollout["response_mask"]) > 0
+  values = np.asarray(rollout["values"], np.float64)
+
+  def residual(a, b):
+    mapped = np.where(mask, a * values + b, 0.0)
+    _, _, returns = advantage_reference(dict(rollout, values=mapped), beta, cfg)
+    return (mapped - returns)[mask]
+
+  e00, e10, e01 = residual(0.0, 0.0), residual(1.0, 0.0), residual(0.0, 1.0)
+  design = np.stack([e10 - e00, e01 - e00], axis=1)
+  (a, b), *_ = np.linalg.lstsq(design, -e00, rcond=None)
+  return a, b, 0.5 * np.mean(residual(a, b) ** 2), residual
+
+
+@pytest.mark.parametrize("whiten_rewards", [True, False])
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (1.0, 1.0)])
+def test_value_head_fit_is_the_least_squares_fixed_point(whiten_rewards, gamma, lam):
+  """Catches: a fit against returns computed with the old values (with lam < 1 the returns
+  bootstrap from the values, so they move with the fit), against unwhitened rewards while GAE
+  sees whitened ones, padding counted in the sums, or a wrong 2 x 2 solve."""
+  cfg = ppo.PPOConfig(whiten_rewards=whiten_rewards, gamma_discount=gamma, gae_lambda=lam)
+  rollout, beta = random_rollout(seed=3, batch=8), 0.05
+  fit = jax.device_get(jax.jit(functools.partial(ppo.value_head_fit, cfg=cfg))(rollout, beta))
+  a, b, loss, residual = value_fit_reference(rollout, beta, cfg)
+  np.testing.assert_allclose([fit["scale"], fit["bias"]], [a, b], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(fit["loss"], loss, rtol=1e-4)
+  np.testing.assert_allclose(fit["loss_before"], 0.5 * np.mean(residual(1.0, 0.0) ** 2), rtol=1e-4)
+  # A minimum: no nearby (a, b) does better, and the values were off (the fit had work to do).
+  for da, db in ((1e-2, 0), (-1e-2, 0), (0, 1e-2), (0, -1e-2)):
+    assert 0.5 * np.mean(residual(a + da, b + db) ** 2) > loss
+  assert fit["loss_before"] > 2 * fit["loss"]
+  assert fit["explained_variance_after"] > fit["explained_variance_before"]
+  if (gamma, lam) == (1.0, 1.0):  # Monte Carlo returns: the textbook regression on the values
+    mask = np.asarray(rollout["response_mask"]) > 0
+    _, _, returns = advantage_reference(rollout, beta, cfg)  # lam = 1: independent of values
+    x = np.asarray(rollout["values"], np.float64)[mask]
+    slope, intercept = np.polyfit(x, returns[mask], 1)
+    np.testing.assert_allclose([fit["scale"], fit["bias"]], [slope, intercept], rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_value_head_fit_of_a_zero_head_fits_the_bias_only():
+  """A zero head (value_init="zero") has no direction to scale: scale stays 1, the bias is the
+  one-parameter least squares, nothing is NaN."""
+  cfg = ppo.PPOConfig()
+  rollout = random_rollout(seed=4)
+  rollout = dict(rollout, values=jnp.zeros_like(rollout["values"]))
+  fit = jax.device_get(ppo.value_head_fit(rollout, 0.05, cfg))
+  assert fit["scale"] == 1.0
+  _, _, _, residual = value_fit_reference(rollout, 0.05, cfg)
+  e0, slope = residual(1.0, 0.0), residual(1.0, 1.0) - residual(1.0, 0.0)
+  np.testing.assert_allclose(fit["bias"], -(slope @ e0) / (slope @ slope), rtol=1e-4)
+  assert all(np.isfinite(v) for v in fit.values())
+
+
+def test_after_the_fit_the_first_value_loss_is_what_the_fit_promised():
+  """The rollout scored again with the fitted head has values scale * v + bias: its advantage
+  phase's value loss, and the first minibatch's (clipped) value loss, which equals it because
+  values and old values coincide before the first step, are the fit's `loss`."""
+  cfg = ppo.PPOConfig()
+  rollout, beta = random_rollout(seed=5), 0.05
+  fit = ppo.value_head_fit(rollout, beta, cfg)
+  real = rollout["response_mask"] > 0
+  fitted = dict(rollout, values=jnp.where(real, fit["scale"] * rollout["values"] + fit["bias"],
+                                          0.0))
+  out, metrics = ppo.advantage_phase(fitted, beta, cfg)
+  np.testing.assert_allclose(metrics["rollout_value_loss"], fit["loss"], rtol=1e-5)
+  first_step, _ = ppo.value_loss(out["values"], out["values"], out["returns"], real,
+                                 cfg.value_clip_eps)
+  np.testing.assert_allclose(first_step, fit["loss"], rtol=1e-5)
+  _, before = ppo.advantage_phase(rollout, beta, cfg)
+  np.testing.assert_allclose(before["rollout_value_loss"], fit["loss_before"], rtol=1e-5)
+  np.testing.assert_allclose(metrics["explained_variance"], fit["explained_variance_after"],
+                             rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
 # The update's minibatches: a fresh permutation every epoch, keyed by fold_in(rng, step)
 # ---------------------------------------------------------------------------------------------
 

@@ -251,6 +251,51 @@ def test_gold_reward_needs_no_reward_model_and_resumes_with_its_normalisation(st
     ppo.train(tiny.ppo_config(**dict(gold, **{"data.source": "files"})), str(tmp_path / "b"))
 
 
+def test_value_head_fit_before_step_0_keeps_its_promise_and_a_resume_does_not_refit(
+    stages, tmp_path, monkeypatch):
+  """value_head_fit="first_rollout": the first update's value loss is the fit's residual (one
+  epoch of one minibatch, so the logged loss is the one at the fitted head, before any step),
+  the fit is kept in value_head_fit.json, and a killed run resumes from its checkpoint (the
+  fitted and trained head) without fitting again, ending where an unbroken run ends."""
+  fit_cfg = dict(save_every=1, **{"ppo.value_head_fit": "first_rollout", "ppo.ppo_epochs": 1,
+                                  "ppo.num_minibatches": 1}, **stages)
+  unbroken, resumed = str(tmp_path / "unbroken"), str(tmp_path / "resumed")
+  ppo.train(tiny.ppo_config(iterations=2, **fit_cfg), unbroken)
+  saved = json.load(open(os.path.join(unbroken, ppo.VALUE_HEAD_FIT)))
+  first = [r for r in metrics_of(unbroken) if r["step"] == 1 and "loss" in r][0]
+  assert first["value_fit_scale"] == pytest.approx(saved["scale"])
+  assert saved["loss"] < saved["loss_before"]
+  assert saved["explained_variance_after"] > saved["explained_variance_before"]
+  # The rollout was scored again with the fitted head: its value loss is the promised one ...
+  assert first["rollout_value_loss"] == pytest.approx(saved["loss"], rel=1e-3)
+  # ... and so is the update's, computed at the fitted head (values = old values: no clipping).
+  assert first["value_loss"] == pytest.approx(saved["loss"], rel=1e-3)
+  assert first["value_clipfrac"] == 0.0
+  # Without the fit the same first rollout's value loss is the one the fit started from.
+  plain = str(tmp_path / "plain")
+  ppo.train(tiny.ppo_config(iterations=1, **dict(fit_cfg, **{"ppo.value_head_fit": "none"})),
+            plain)
+  assert metrics_of(plain)[0]["value_loss"] == pytest.approx(saved["loss_before"], rel=1e-3)
+  assert not os.path.exists(os.path.join(plain, ppo.VALUE_HEAD_FIT))
+
+  ppo.train(tiny.ppo_config(iterations=1, **fit_cfg), resumed)  # "killed" after iteration 1
+  assert json.load(open(os.path.join(resumed, ppo.VALUE_HEAD_FIT))) == saved
+
+  def refit(*args, **kwargs):
+    raise AssertionError("a resumed run fitted the value head again")
+  monkeypatch.setattr(ppo.Iteration, "_fit_value_head", refit)
+  ppo.train(tiny.ppo_config(iterations=2, **fit_cfg), resumed)
+  a, _ = restored_state(unbroken, tiny.ppo_config(**stages))
+  b, _ = restored_state(resumed, tiny.ppo_config(**stages))
+  jax.tree.map(np.testing.assert_array_equal, a["params"], b["params"])
+  assert json.load(open(os.path.join(resumed, ppo.VALUE_HEAD_FIT))) == saved
+  second = [r for r in metrics_of(resumed) if r["step"] == 2 and "loss" in r][0]
+  assert not any(k.startswith("value_fit_") for k in second)
+  with pytest.raises(InputError, match="value_head_fit"):
+    ppo.train(tiny.ppo_config(**{"ppo.value_head_fit": "always"}, **stages),
+              str(tmp_path / "bad"))
+
+
 def test_ptx_needs_pretraining_text_and_micro_batches_that_fit_the_mesh(stages, tmp_path):
   with pytest.raises(InputError, match="ptx.source"):
     ppo.train(tiny.ppo_config(**{"ptx.source": "none"}, **stages), str(tmp_path / "a"))
@@ -318,5 +363,5 @@ def test_config_holds_every_ppo_field_and_the_sweep_parses(tmp_path):
   runs = sweep_lib.plan(f"{ppo_configs.__file__}:tiny", str(tmp_path),
                         ["--config.init_from=/x", "--config.reward_from=/y"])
   assert {r.name for r in runs} == {"baseline", "no_ptx", "fixed_kl", "no_whitening",
-                                    "value_zero", "tf_adam"}
+                                    "value_zero", "value_fit", "tf_adam"}
   assert all(r.final_step == ppo_configs.get_config("tiny").iterations for r in runs)

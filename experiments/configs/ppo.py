@@ -31,9 +31,13 @@ placeholder = config_dict.placeholder
 def ppo_section() -> config_dict.ConfigDict:
   """Every field of `objectives.ppo.PPOConfig` at its default (the dataclass is the one source
   of the defaults, InstructGPT's and lm-human-preferences', and says what each field does), plus
-  the trainer's `value_init`. `temperature` is also the sampling temperature (linked below)."""
+  the trainer's `value_init` and `value_head_fit`. `temperature` is also the sampling
+  temperature (linked below)."""
   p = base.section_from_dataclass(PPOConfig)
   p.value_init = "reward"       # trainer only: reward (RM's head + backbone) | zero (SFT backbone)
+  # trainer only: none | first_rollout (before the first update, refit the value head's scale
+  # and bias by least squares so the first rollout's values match its returns; README, PPO)
+  p.value_head_fit = "none"
   return p
 
 
@@ -127,7 +131,8 @@ def sweep(arg: str = "tiny") -> list[dict]:
 
   baseline (PPO-ptx as configured), no_ptx (plain PPO, the paper's "PPO" model), fixed vs
   adaptive KL (whichever the variant does not use), no_whitening (rewards and advantages),
-  value_zero (value head zero on the SFT backbone instead of the reward model), and tf_adam
+  value_zero (value head zero on the SFT backbone instead of the reward model), value_fit (the
+  value head's scale and bias refitted to the first rollout's returns), and tf_adam
   (lm-human-preferences' TF1 Adam: eps 1e-5 added to sqrt(v) before bias correction, for policy
   and value; b2 is already TF's 0.999 here, clipping and the schedule stay as configured).
   """
@@ -141,5 +146,6 @@ def sweep(arg: str = "tiny") -> list[dict]:
       {"name": "no_whitening",
        "overrides": {"ppo.whiten_rewards": False, "ppo.whiten_advantages": False}},
       {"name": "value_zero", "overrides": {"ppo.value_init": "zero"}},
+      {"name": "value_fit", "overrides": {"ppo.value_head_fit": "first_rollout"}},
       {"name": "tf_adam", "overrides": {"optimizer.adam_style": "tf", "optimizer.eps": 1e-5}},
   ]

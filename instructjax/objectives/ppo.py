@@ -16,6 +16,8 @@ An iteration is three phases; the trainer owns sampling, data and checkpoints:
      log-probs, values and reward-model scores of the rollout;
   2. `advantage_phase`: KL-shaped rewards, GAE advantages and returns, rollout metrics;
   3. `ppo_update`: `ppo_epochs` x `num_minibatches` optimiser steps in one `lax.scan`.
+Before the first update the trainer may refit the value head to the first rollout
+(`value_head_fit`: the least-squares scale and bias of the values against their own returns).
 
 Rollout layout (the sampler's):
   tokens         int32 [B, P + N]  a LEFT-padded prompt (P slots), then the response (N slots),
@@ -255,6 +257,48 @@ def gae(rewards: Array, values: Array, mask: Array, gamma, lam) -> tuple[Array, 
   return advantages, jnp.where(real, advantages + values, 0.0)
 
 
+def value_affine_fit(values: Array, rewards: Array, mask: Array, gamma, lam,
+                     eps: float = 1e-6) -> dict[str, Array]:
+  """The affine map (scale, bias) of the value predictions that best matches the returns GAE
+  computes with the mapped values themselves: the minimiser over (a, b) of
+
+      L(a, b) = mean over real tokens of (V' - returns(rewards, V'))^2,   V' = a * values + b,
+
+  where returns(rewards, V') = advantages + V' of `gae(rewards, V', mask, gamma, lam)`. With
+  lam < 1 the returns bootstrap from V', so the target moves with the fit; but returns are
+  linear in (rewards, V'): returns(r, a v + b) = returns(r, 0) + a returns(0, v) + b returns(0, 1)
+  (1 on real tokens), and L is an ordinary least squares in (a, b) with the columns
+  x = v - returns(0, v), u = 1 - returns(0, 1) and the target y = returns(r, 0) (the discounted
+  lambda-return of the rewards alone). Solved in closed form from the 2 x 2 normal equations.
+  When `values` carry no direction of their own (x is constant or collinear with u, e.g. a zero
+  head) only the bias is fitted (scale 1).
+
+  `rewards` are what GAE sees (after whitening). Returns a dict of float32 scalars: scale, bias,
+  loss (0.5 L(scale, bias): the unclipped value loss the rollout's values would have after the
+  fit, before any update) and loss_before (0.5 L(1, 0)).
+  """
+  real = mask > 0
+  w = real.astype(jnp.float32)
+  values = jnp.where(real, values.astype(jnp.float32), 0.0)
+  rewards = jnp.where(real, rewards.astype(jnp.float32), 0.0)
+  zeros = jnp.zeros_like(values)
+  returns = lambda r, v: gae(r, v, real, gamma, lam)[1]
+  y = returns(rewards, zeros)
+  x = values - returns(zeros, values)
+  u = w - returns(zeros, w)
+  dot = lambda p, q: (w * p * q).sum()
+  xx, xu, uu, xy, uy = dot(x, x), dot(x, u), dot(u, u), dot(x, y), dot(u, y)
+  det = xx * uu - xu * xu
+  identifiable = det > eps * jnp.maximum(xx * uu, 1e-30)
+  safe_det = jnp.where(identifiable, det, 1.0)
+  scale = jnp.where(identifiable, (uu * xy - xu * uy) / safe_det, 1.0)
+  bias = jnp.where(identifiable, (xx * uy - xu * xy) / safe_det,
+                   (uy - dot(u, x)) / jnp.maximum(uu, 1e-30))
+  n = jnp.maximum(w.sum(), 1.0)
+  loss = lambda a, b: 0.5 * dot(a * x + b * u - y, a * x + b * u - y) / n
+  return dict(scale=scale, bias=bias, loss=loss(scale, bias), loss_before=loss(1.0, 0.0))
+
+
 def kl_controller_update(beta, observed_kl, n_steps, target, horizon) -> Array:
   """Adaptive KL coefficient (Ziegler et al. 2019): a proportional controller whose error is
   clipped to +-0.2, so one batch moves beta by at most 20% * n_steps / horizon."""
@@ -415,6 +459,38 @@ def score_phase(params: Mapping[str, Any], frozen: Mapping[str, Any], rollout: R
               score=score, ended=ended)
 
 
+def gae_inputs(rollout: Rollout, kl_coef, cfg: PPOConfig) -> tuple[Array, Array, Array]:
+  """(kl, rewards, gae_rewards) of a scored rollout, each [B, N] and 0 on padding: the per-token
+  KL estimate, the KL-shaped rewards with the final score at each row's last token, and what GAE
+  sees, the rewards whitened over the rollout (without shifting their mean) when
+  cfg.whiten_rewards."""
+  real = rollout["response_mask"] > 0
+  kl = jnp.where(real, kl_per_token(rollout["logp"], rollout["ref_logp"], cfg.kl_estimator), 0.0)
+  rewards = shaped_rewards(rollout["score"], kl, real, kl_coef, cfg, rollout.get("ended"))
+  gae_rewards = whiten(rewards, real, shift_mean=False) if cfg.whiten_rewards else rewards
+  return kl, rewards, gae_rewards
+
+
+def value_head_fit(rollout: Rollout, kl_coef, cfg: PPOConfig) -> dict[str, Array]:
+  """`value_affine_fit` of a scored rollout's values to its returns as advantage_phase computes
+  them (the configured KL shaping, whitening, gamma and lambda); the trainer folds the (scale,
+  bias) into a linear value head before the first update. Adds the rollout's value mean and
+  returns mean and the explained variance before and after the fit."""
+  real = rollout["response_mask"] > 0
+  _, _, gae_rewards = gae_inputs(rollout, kl_coef, cfg)
+  fit = value_affine_fit(rollout["values"], gae_rewards, real, cfg.gamma_discount,
+                         cfg.gae_lambda)
+  out = dict(fit)
+  for name, values in (("before", rollout["values"]),
+                       ("after", fit["scale"] * rollout["values"] + fit["bias"])):
+    values = jnp.where(real, values, 0.0)
+    _, returns = gae(gae_rewards, values, real, cfg.gamma_discount, cfg.gae_lambda)
+    out[f"value_mean_{name}"] = masked_mean(values, real)
+    out[f"returns_mean_{name}"] = masked_mean(returns, real)
+    out[f"explained_variance_{name}"] = explained_variance(values, returns, real)
+  return out
+
+
 def advantage_phase(rollout: Rollout, kl_coef, cfg: PPOConfig
                     ) -> tuple[dict[str, Array], dict[str, Array]]:
   """KL-shaped rewards, GAE advantages and returns of a scored rollout, and its metrics.
@@ -423,9 +499,7 @@ def advantage_phase(rollout: Rollout, kl_coef, cfg: PPOConfig
   whitening), advantages (whitened over the rollout when cfg.whiten_advantages) and returns.
   """
   real = rollout["response_mask"] > 0
-  kl = jnp.where(real, kl_per_token(rollout["logp"], rollout["ref_logp"], cfg.kl_estimator), 0.0)
-  rewards = shaped_rewards(rollout["score"], kl, real, kl_coef, cfg, rollout.get("ended"))
-  gae_rewards = whiten(rewards, real, shift_mean=False) if cfg.whiten_rewards else rewards
+  kl, rewards, gae_rewards = gae_inputs(rollout, kl_coef, cfg)
   advantages, returns = gae(gae_rewards, rollout["values"], real, cfg.gamma_discount,
                             cfg.gae_lambda)
   if cfg.whiten_advantages:
@@ -445,6 +519,8 @@ def advantage_phase(rollout: Rollout, kl_coef, cfg: PPOConfig
       eos_fraction=ended.astype(jnp.float32).mean(),
       value_mean=masked_mean(rollout["values"], real),
       returns_mean=masked_mean(returns, real),
+      # The unclipped value loss of the rollout's own values, before the update changes them.
+      rollout_value_loss=0.5 * masked_mean(jnp.square(rollout["values"] - returns), real),
       explained_variance=explained_variance(rollout["values"], returns, real))
   out = dict(rollout, kl=kl, kl_sequence=kl_sequence, rewards=rewards, advantages=advantages,
              returns=returns)

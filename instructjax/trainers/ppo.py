@@ -3,7 +3,9 @@
   models   policy and reference from the SFT checkpoint (`init_from`); the reference is frozen
            (no optimizer state) and, like the reward model, may be stored in bfloat16
            (`frozen_dtype`). Value model from the reward model (`reward_from`;
-           `ppo.value_init="reward"`) or a zero head on the SFT backbone ("zero"). The reward
+           `ppo.value_init="reward"`) or a zero head on the SFT backbone ("zero"), optionally
+           with the head's scale and bias refitted to the first rollout's returns
+           (`ppo.value_head_fit="first_rollout"`, kept in value_head_fit.json). The reward
            model is frozen with its normalisation (gain, bias); with `reward_source="gold"`
            the synthetic task's gold scorer takes its place (an oracle, scored on the host).
            Every model is sharded on the mesh by its parameters' logical axes; both optimizer
@@ -65,12 +67,17 @@ from instructjax.trainers.data_sources import lm_sources, synthetic_task
 from instructjax.trainers.workdirs import load_reward_model
 
 VALUE_INITS = ("reward", "zero")
+# none: the value head as value_init leaves it. first_rollout: before the first update, the head's
+# scale and bias are refitted (least squares, objectives.ppo.value_affine_fit) so the values of
+# the first rollout match its returns as GAE computes them (whitening, gamma, lambda included).
+VALUE_HEAD_FITS = ("none", "first_rollout")
+VALUE_HEAD_FIT = "value_head_fit.json"
 # model: the reward model of `reward_from`. gold: the synthetic task's gold scorer as an oracle
 # reward, to tell a reward model's errors from PPO's own (reward-model overoptimisation studies).
 REWARD_SOURCES = ("model", "gold")
 GOLD_NORMALISATION = "gold_normalisation.json"
 FROZEN_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TRAINER_ONLY_PPO_FIELDS = ("value_init",)
+TRAINER_ONLY_PPO_FIELDS = ("value_init", "value_head_fit")
 PHASES = ("rollout", "score", "advantage", "update")
 # Keeps the rollout keys apart from the update's shuffle keys, which also derive from state rng.
 _ROLLOUT_SALT = 0x526F6C6C
@@ -104,6 +111,9 @@ def check_config(config, cfg: ppo.PPOConfig, layout: common.Layout) -> None:
   if config.ppo.value_init not in VALUE_INITS:
     raise InputError("config.ppo.value_init", f"{config.ppo.value_init!r} is not one of "
                      f"{VALUE_INITS}")
+  if config.ppo.value_head_fit not in VALUE_HEAD_FITS:
+    raise InputError("config.ppo.value_head_fit", f"{config.ppo.value_head_fit!r} is not one of "
+                     f"{VALUE_HEAD_FITS}")
   if config.frozen_dtype not in FROZEN_DTYPES:
     raise InputError("config.frozen_dtype", f"{config.frozen_dtype!r} is not one of "
                      f"{sorted(FROZEN_DTYPES)}")
@@ -424,6 +434,8 @@ class Phases:
   score: Callable    # (params, frozen, prompt tokens/mask, SampleOutput, gold score) -> rollout
   advantage: Callable  # (scored rollout, kl_coef) -> (rollout, metrics)
   update: Callable   # (state, rollout, ptx | None) -> (state, metrics); state donated
+  value_fit: Callable  # (scored rollout, kl_coef) -> objectives.ppo.value_head_fit's dict
+  fold: Callable     # (value params, scale, bias) -> value params; params donated
 
 
 def jit_phases(config, layout, models: Models, frozen, shardings, optimizers,
@@ -459,7 +471,12 @@ def jit_phases(config, layout, models: Models, frozen, shardings, optimizers,
                              cfg=cfg)
   update_jit = jax.jit(update, in_shardings=(shardings, episodes, ptx_sharding(mesh)),
                        out_shardings=(shardings, whole), donate_argnums=0)
-  return Phases(sampler, score_jit, advantage_jit, update_jit)
+  value_fit_jit = jax.jit(functools.partial(ppo.value_head_fit, cfg=cfg),
+                          in_shardings=(episodes, whole), out_shardings=whole)
+  value_shardings = shardings["params"]["value"]
+  fold_jit = jax.jit(fold_normalisation, in_shardings=(value_shardings, whole, whole),
+                     out_shardings=value_shardings, donate_argnums=0)
+  return Phases(sampler, score_jit, advantage_jit, update_jit, value_fit_jit, fold_jit)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -529,12 +546,13 @@ class Iteration:
   step, where `host_metrics` reports and resets them)."""
 
   def __init__(self, config, cfg: ppo.PPOConfig, phases: Phases, data: Data, frozen, layout,
-               task, tokenizer, workdir: str, schedule):
+               task, tokenizer, workdir: str, schedule, fit_value_head: bool = False):
     self.config, self.cfg, self.phases, self.data = config, cfg, phases, data
     self.frozen, self.layout, self.task, self.tokenizer = frozen, layout, task, tokenizer
     self.workdir, self.schedule = workdir, schedule
     self.minibatches = cfg.ppo_epochs * cfg.num_minibatches
     self.gold_fitted = False  # the gold reward's normalisation, read or fitted at the first rollout
+    self.fit_value_head = fit_value_head  # value_head_fit: still to do, at this run's 1st rollout
     self.last = None          # the last rollout's (prompt indices, sample, gold scores)
     self._reset_window()
 
@@ -568,6 +586,11 @@ class Iteration:
     scored = self.phases.score(state["params"], self.frozen, prompts["tokens"], prompts["mask"],
                                sample, gold_reward)
     started = self._timed("score", scored, started)
+    fit_metrics = {}
+    if self.fit_value_head:
+      state, scored, fit_metrics = self._fit_value_head(state, prompts, sample, gold_reward,
+                                                        scored)
+      started = self._timed("score", scored, started)
     rollout, rollout_metrics = self.phases.advantage(scored, state["kl_coef"])
     started = self._timed("advantage", rollout, started)
     state, update_metrics = self.phases.update(state, rollout, ptx_rows)
@@ -576,9 +599,39 @@ class Iteration:
     self.iterations += 1
     self.last = (indices, sample, gold)
     metrics = named_metrics(rollout_metrics, update_metrics)
+    metrics.update(fit_metrics)
     metrics["grad_norm"] = update_metrics["policy_grad_norm"] + update_metrics["value_grad_norm"]
     metrics["optimizer_steps"] = state["step"]
     return state, metrics
+
+  def _fit_value_head(self, state, prompts, sample, gold_reward, scored):
+    """value_head_fit="first_rollout": fold the least-squares (scale, bias) of the first rollout's
+    values against its returns into the value head, score the rollout again with it (so its
+    values are the model's), and record the fit in <workdir>/value_head_fit.json. Only a fresh
+    run fits: a resumed one restores the fitted head from its checkpoint."""
+    fit = {k: float(v) for k, v in jax.device_get(
+        self.phases.value_fit(scored, state["kl_coef"])).items()}
+    if not all(np.isfinite(v) for v in fit.values()):
+      raise FloatingPointError(f"value_head_fit: the fit on the first rollout is not finite: {fit}")
+    value = self.phases.fold(state["params"]["value"], jnp.float32(fit["scale"]),
+                             jnp.float32(fit["bias"]))
+    state = dict(state, params=dict(state["params"], value=value))
+    scored = self.phases.score(state["params"], self.frozen, prompts["tokens"], prompts["mask"],
+                               sample, gold_reward)
+    cfg = self.cfg
+    common.save_json(os.path.join(self.workdir, VALUE_HEAD_FIT), dict(
+        fit, episodes=self.config.rollout_batch_size, whiten_rewards=cfg.whiten_rewards,
+        gamma_discount=cfg.gamma_discount, gae_lambda=cfg.gae_lambda,
+        value_init=self.config.ppo.value_init,
+        meaning="value head := scale * head + bias, fitted before the first update so the "
+                "first rollout's values match its returns (loss: 0.5 * mean squared error "
+                "after the fit; loss_before: with the head as value_init left it)"))
+    print(f"[{self.config.stage}] value head fitted to the first rollout's returns: scale "
+          f"{fit['scale']:.4g}, bias {fit['bias']:.4g}; value loss {fit['loss_before']:.4g} -> "
+          f"{fit['loss']:.4g}, explained variance {fit['explained_variance_before']:.3f} -> "
+          f"{fit['explained_variance_after']:.3f}", flush=True)
+    self.fit_value_head = False
+    return state, scored, {f"value_fit_{k}": v for k, v in fit.items()}
 
   def _gold_reward(self, indices, sample):
     """With reward_source="gold", the rollout's gold scores (host) and their global array; scoring
@@ -647,7 +700,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                        f"iterations of {minibatches} minibatches; were ppo_epochs or "
                        "num_minibatches changed?")
     iteration = Iteration(config, cfg, phases, data, frozen, layout, task, tokenizer, workdir,
-                          schedules["policy"])
+                          schedules["policy"], fit_value_head=(
+                              steps_done == 0 and config.ppo.value_head_fit == "first_rollout"))
     return loop.train_loop(
         config, workdir, state=state, step_fn=iteration, data_state=data.streams, ckpt=ckpt,
         evaluate=lambda state: evaluate(config, task, state, models, tokenizer, layout,
