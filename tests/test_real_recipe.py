@@ -108,6 +108,22 @@ def test_the_judge_and_the_proxy_reward_model_train_on_disjoint_prompts(real_run
   assert proxy and judge and not proxy & judge and proxy | judge == everything
 
 
+def test_every_stage_reads_the_prepared_files_and_nothing_synthetic(real_run):
+  data, workdir = real_run["data"], real_run["workdir"]
+  expected = {"sft": ("data.train_files", data / "sft" / "train.jsonl"),
+              "reward": ("data.train_files", data / "rm" / "train.jsonl"),
+              "judge": ("data.train_files", data / "rm" / "train.jsonl"),
+              "ppo": ("data.files", data / "ppo" / "prompts.jsonl"),
+              "ppo_ptx": ("data.files", data / "ppo" / "prompts.jsonl"),
+              "evaluate": ("prompts_file", data / "eval" / "prompts.jsonl")}
+  for name, (field, path) in expected.items():
+    ran_with = json.loads((workdir / name / "done.json").read_text())["config"]
+    assert ran_with[field] == str(path), name
+    assert ran_with.get("data.source", "files") == "files", name
+  assert not list(workdir.glob("*/data/synthetic")), "a stage wrote synthetic records"
+  assert not list(workdir.glob("*/comparisons")), "a stage collected synthetic comparisons"
+
+
 def test_every_stage_writes_the_checkpoint_s_architecture_and_tokenizer(real_run):
   for name in RUNS[:-1]:
     written = json.loads((real_run["workdir"] / name / "config.json").read_text())

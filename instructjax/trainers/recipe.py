@@ -101,7 +101,7 @@ def resolve(config: ml_collections.ConfigDict) -> None:
       section.format.separator = fmt["separator"]
     if "sft" in config:
       _fill(config.sft, "model.init_from_hf", ckpt)
-      _fill(config.sft, "data.source", "files")
+      config.sft.data.source = "files"
       _fill(config.sft, "data.train_files", path("sft/train.jsonl"))
       _fill(config.sft, "data.eval_files", path("sft/eval.jsonl"))
     for name, part in (("reward", (0.0, share)), ("judge", (share, 1.0))):
