@@ -581,7 +581,12 @@ def stage_flags(out: str, summary: dict) -> list[tuple[str, str]]:
                   f"{path('ppo/prompts.jsonl')} {fmt}"))
   else:
     lines.append(("ppo", "no prompts in the PPO set"))
-  lines.append(("evaluate", fmt))
+  evaluate = ""
+  if n["eval/prompts.jsonl"]:
+    evaluate = f"--config.prompts_file={path('eval/prompts.jsonl')} "
+    if n["eval/rankings.jsonl"]:
+      evaluate += f"--config.rankings_file={path('eval/rankings.jsonl')} "
+  lines.append(("evaluate", evaluate + fmt))
   return lines
 
 
@@ -659,13 +664,14 @@ def report(out: str, summary: dict, seconds: float) -> str:
                "STAGE.py --workdir ...`):")
   for stage, flags in stage_flags(out, summary):
     lines.append(f"  {stage + ':':<9} {flags}")
-  eval_dir = pathlib.Path(out) / "eval"
-  lines.append(f"  evaluate.py scores the synthetic task's held-out prompts (it has no prompt-file "
-               f"field); {eval_dir / 'prompts.jsonl'} samples with experiments/configs/sample.py "
-               f"--config.prompts_file=..., {eval_dir / 'rankings.jsonl'} holds the held-out "
-               "comparisons for judging.")
   lines.append("  PPO-ptx also needs pretraining text: --config.ptx.source=files "
                "--config.ptx.files=... (or --config.ppo.ptx_coef=0 --config.ptx.source=none).")
+  lines.append("")
+  lines.append("Or every stage in one command (SFT -> reward model + held-out judge -> PPO, "
+               "PPO-ptx -> evaluation -> report):")
+  lines.append("  python -m experiments.run --config experiments/configs/instructgpt.py:hf "
+               f"--workdir RUN --config.init_from_hf=CHECKPOINT --config.data_dir={_quote(out)} "
+               "--config.ptx_files=CORPUS")
   return "\n".join(lines)
 
 
