@@ -210,10 +210,13 @@ def render_markdown(results: Mapping[str, Any], curves: Mapping[str, Any],
   out += _table(["Model"] + [_JUDGE_COLUMNS[j][1] for j in judges]
                 + ["KL from SFT (nats/response)", "Ended with EOS", "Length (tokens)"],
                 rows) + [""]
+  cut: dict[int, list[str]] = {}  # models that cut the same number of prompts, in one line
   for name, row in models.items():
     if row.get("prompts_truncated"):
-      out += [f"{row.get('label', name)}: {row['prompts_truncated']} prompts were longer than "
-              "its prompt length and lost their beginning.", ""]
+      cut.setdefault(row["prompts_truncated"], []).append(row.get("label", name))
+  for count, labels in cut.items():
+    out += [f"{', '.join(labels)}: {count} prompts were longer than the prompt length and lost "
+            "their beginning.", ""]
 
   out += ["## Alignment tax: held-out pretraining loss", "",
           "Next-token loss on held-out pretraining text; RLHF that raises it pays an alignment "
@@ -258,7 +261,7 @@ def render_markdown(results: Mapping[str, Any], curves: Mapping[str, Any],
       out += ["```", example["prompt"], "```", ""]
       for name, text in example["responses"].items():
         label = evaluation.LABELS.get(name, name)
-        out.append(f"- **{label}**: `{text.strip() or '(empty)'}`".replace("\n", "\\n"))
+        out.append(f"- **{label}**: {_response_text(text)}")
       out.append("")
 
   skipped = results.get("skipped") or {}
@@ -267,6 +270,15 @@ def render_markdown(results: Mapping[str, Any], curves: Mapping[str, Any],
     out += [f"- {evaluation.LABELS.get(name, name)}: {why}" for name, why in skipped.items()]
     out.append("")
   return "\n".join(out)
+
+
+def _response_text(text: str) -> str:
+  """A response on one line, as code; one that is empty or only whitespace says so."""
+  if not text:
+    return "(empty)"
+  if not text.strip():
+    return f"(only whitespace: {len(text)} characters)"
+  return "`" + text.strip().replace("\n", "\\n").replace("`", "'") + "`"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -491,3 +491,12 @@ def test_rm_accuracy_by_difference_on_its_held_out_comparisons(full_run, workdir
   with pytest.raises(InputError, match="eval.jsonl:1"):
     evaluate.reward_model_breakdown(rm, str(rm_dir), task, batch_size=8, layout=layout,
                                     tokenizer=tokenizer)
+
+
+def test_the_report_says_when_a_response_is_empty_or_only_whitespace():
+  results = dict(models={}, examples=[dict(prompt="p", responses={
+      "gpt": "\n\n \n", "sft": "", "ppo": " a `b`\nc"})])
+  md = report.render_markdown(results, {}, {})
+  assert "- **GPT**: (only whitespace: 4 characters)" in md
+  assert "- **SFT**: (empty)" in md
+  assert "- **PPO**: `a 'b'\\nc`" in md

@@ -12,7 +12,10 @@ v5e-16 pod or an 8-GPU host. The argument is `MODEL,HARDWARE,STAGE`:
       --workdir gs://BUCKET/llama_sft --config.init_from=gs://BUCKET/llama_init ...
 
 MODEL: gpt2-small (12 layers, d_model 768, GPT-2 BPE) | llama-1b (22 layers, d_model 2048, GQA 32/4,
-SentencePiece). HARDWARE: 8gpu (one host, 8 devices) | v5e-16 (16 chips over 4 hosts) | cpu.
+SentencePiece): the family's tokenizer kind and a default shape. Any checkpoint of the family
+works instead of converting it: `--config.model.init_from_hf=DIR --config.tokenizer.path=DIR` takes
+its architecture and weights (`common.model_config`; later stages inherit them through
+`init_from`). All stages in one command on one GPU: `instructgpt.py:hf` (docs/real-recipe.md). HARDWARE: 8gpu (one host, 8 devices) | v5e-16 (16 chips over 4 hosts) | cpu.
 STAGE: sft | reward | ppo — the stage config with the model, tokenizer, mesh, batch and bf16
 compute set for the hardware; data paths are yours to give (`--config.data.*`).
 """

@@ -344,7 +344,7 @@ def pretraining_documents(config, task, workdir: str) -> tuple[list[str], str]:
   else:
     texts = [r["text"] for path in paths for r in records.read_text(path)]
   texts = texts[:e.num_documents or None]
-  return texts, f"{len(texts)} documents of {what}"
+  return texts, f"{len(texts)} document{'s' * (len(texts) != 1)} of {what}"
 
 
 @dataclasses.dataclass
