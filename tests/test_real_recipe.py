@@ -175,3 +175,12 @@ def test_the_recipe_names_what_it_needs(tmp_path, real_run):
     recipe.check(configure(instructgpt.get_config("hf_tiny"),
                            {"init_from_hf": str(real_run["ckpt"]),
                             "data_dir": str(real_run["data"])}))
+
+
+def test_the_evaluation_refuses_a_checkpoint_read_with_another_tokenizer(real_run):
+  from experiments.configs import evaluate as evaluate_configs
+  from instructjax.trainers import common, evaluate
+  config = evaluate_configs.get_config()  # the byte tokenizer, not the checkpoint's GPT-2 files
+  with pytest.raises(InputError, match="config.models.gpt.*tokenizer"):
+    evaluate.model_config_of("gpt", str(real_run["ckpt"]), config,
+                             common.tokenizer_from_config(config))

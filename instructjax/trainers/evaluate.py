@@ -193,6 +193,10 @@ def model_config_of(name: str, workdir: str, config, tokenizer: Tokenizer):
   `init_from_hf` reads it: the config's runtime fields, the vocabulary padded to 128); its
   tokenizer must be the evaluation's."""
   if hf.is_checkpoint(workdir):
+    section = hf.tokenizer_section(workdir)
+    if section:  # the checkpoint's own tokenizer files, compared by content
+      common.check_same_tokenizer(config, tokenizer, ml_collections.ConfigDict(
+          {"tokenizer": section}), workdir, f"config.models.{name}")
     return common.model_config(_reading_hf(config, workdir), tokenizer, inherit=False)
   stored = workdirs.read_config(workdir)
   if stored is None:
