@@ -8,7 +8,7 @@
 NAME is hh_rlhf, open_assistant, summarize_from_feedback, gsm8k (train answers and/or model
 solutions in one call: each file's kind is told by its fields) or generic (our own formats, or
 {prompt, chosen, rejected}). Every input file is read once (`converters.extract`) into the three
-record kinds the stages read (README, "Record formats"):
+record kinds the stages read (docs/data.md, "Record formats"):
 
   demonstrations {"prompt", "completion"}: HH-RLHF's chosen final reply, OpenAssistant's rank-0
     reply, the preferred TL;DR summary, GSM8K's train answers (final "#### N" line kept);

@@ -189,7 +189,7 @@ def test_adamw_with_decay_and_clipping_matches_the_numpy_loop(style):
 
 
 def expected_decay(name: str) -> bool:
-  """The rule the README states: weight matrices and embeddings decay; norms (scale and bias),
+  """The rule docs/configs.md states: weight matrices and embeddings decay; norms (scale and bias),
   attention / MLP biases and the scalar head's bias do not."""
   if "norm" in name:
     return False

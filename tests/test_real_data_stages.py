@@ -1,9 +1,9 @@
-"""A researcher's own model and data through the first two stages, as the README's "Your own model
-and data" runs them: a random GPT-2-shaped Hugging Face checkpoint (written here with
-`hf.export_hf`, with a tiny GPT-2-style tokenizer beside it), HH-RLHF records prepared with
-`experiments.prepare_data`, then SFT from `model.init_from_hf` and the reward model from the SFT
-workdir, each with the data flags prepare_data prints, through the stage runner
-`experiments.run` calls.
+"""A researcher's own model and data through the first two stages, as docs/huggingface.md
+("Training from a checkpoint stage by stage") runs them: a random GPT-2-shaped Hugging Face
+checkpoint (written here with `hf.export_hf`, with a tiny GPT-2-style tokenizer beside it),
+HH-RLHF records prepared with `experiments.prepare_data`, then SFT from `model.init_from_hf` and
+the reward model from the SFT workdir, each with the data flags prepare_data prints, through the
+stage runner `experiments.run` calls.
 """
 import json
 import pathlib

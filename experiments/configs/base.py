@@ -140,8 +140,8 @@ def synthetic_config() -> config_dict.ConfigDict:
       list_len=(2, 4),
       # Most demonstrations end with a remark the rankers dislike ("hope it helps."): the paper's
       # premise that comparisons carry preferences the demonstrations lack. At 0 the only thing
-      # RLHF can improve is the task skill itself, which a CPU-sized PPO run barely moves (README,
-      # "What reproduces"). Above 0.5, SFT's greedy answer carries the remark.
+      # RLHF can improve is the task skill itself, which a CPU-sized PPO run barely moves
+      # (docs/results.md). Above 0.5, SFT's greedy answer carries the remark.
       remark_rate=0.6)
 
 

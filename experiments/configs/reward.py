@@ -61,7 +61,7 @@ def get_config(arg: str = "tiny"):
   # JSONL of {"prompt"} the normalisation samples (e.g. the PPO prompts, prepare_data's
   # ppo/prompts.jsonl); empty: the synthetic task's "ppo" split, or the training rankings' prompts.
   c.normalisation_files = ""
-  # Tiny, measured on 2 CPU cores (README, "Tiny settings"): at lr 3e-4 the loss stays near
+  # Tiny, measured on 2 CPU cores (docs/pipeline.md, "Tiny settings"): at lr 3e-4 the loss stays near
   # ln 2 for the whole epoch; 1e-3 moves it (2e-3 is unstable), and a second epoch at 1e-3
   # only overfits (train loss 0.64, held-out accuracy down), as InstructGPT found. Four times the
   # prompts (8 000, 500 steps) gave the same held-out accuracy (0.60 labeler / 0.75 gold order):
