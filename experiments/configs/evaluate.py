@@ -21,7 +21,9 @@ on the held-out part of the ptx corpus):
       --config.ptx_eval.source=heldout --config.ptx_eval.files=/tmp/corpus.jsonl
 
 (plus the stages' tokenizer and format flags, e.g. --config.tokenizer.kind=gpt2
---config.tokenizer.path=CKPT --config.format.separator=' '). It writes /tmp/eval/report.md (tables and plots), report.json (every number) and the PNGs.
+--config.tokenizer.path=CKPT --config.format.separator=' ').
+
+It writes /tmp/eval/report.md (tables and plots), report.json (every number) and the PNGs.
 Responses are greedy by default (low variance with a few hundred prompts);
 `--config.greedy=False` samples with the `sampling` section instead. GPT-prompted (the GPT
 checkpoint with `few_shot.n_shots` solved examples before each prompt) needs a longer prompt:
@@ -51,7 +53,7 @@ def get_config(arg: str = "tiny"):
   # of pair there as well never learned it (underfitting), rather than overfitting. 0: off.
   c.rm_train_rankings = 256
   c.synthetic = base.synthetic_config()
-  c.split = "eval"            # synthetic: held-out prompts, disjoint from SFT/RM/PPO training prompts
+  c.split = "eval"            # synthetic: held-out prompts, disjoint from every stage's prompts
   c.num_prompts = 256
   c.greedy = True             # False: sample with sampling.temperature/top_k/top_p
   c.sampling = base.sampling_config(prompt_len=64)

@@ -35,8 +35,9 @@ def ppo_section() -> config_dict.ConfigDict:
   temperature (linked below)."""
   p = base.section_from_dataclass(PPOConfig)
   p.value_init = "reward"       # trainer only: reward (RM's head + backbone) | zero (SFT backbone)
-  # trainer only: none | first_rollout (before the first update, refit the value head's scale
-  # and bias by least squares so the first rollout's values match its returns; docs/ppo.md, "What the first values predict")
+  # trainer only: none | first_rollout (before the first update, refit the value head's scale and
+  # bias by least squares so the first rollout's values match its returns; docs/ppo.md, "What the
+  # first values predict")
   p.value_head_fit = "none"
   return p
 
@@ -94,12 +95,12 @@ def get_config(arg: str = "tiny"):
   c.save_every = 50
   del c["eval_batches"]              # see ptx.eval_batches
   if size == "tiny":
-    # Tuned on the tiny CPU models (docs/ppo.md, "Flags"). Responses are ~6 tokens and a CPU run sees
-    # a few thousand episodes, so beta starts higher than the paper's and the adaptive
-    # controller gets a short horizon (it may move beta by 0.2 * 64 / 500 = 2.6% an iteration):
-    # from beta 0.05 with a 2 000-episode horizon, KL ran to 12 nats in 20 iterations. The ptx
-    # term is a token-mean NLL next to a whitened, token-mean PPO loss, so the paper's 27.8
-    # would swamp the RL gradient at this scale.
+    # Tuned on the tiny CPU models (docs/ppo.md, "Flags"). Responses are ~6 tokens and a CPU run
+    # sees a few thousand episodes, so beta starts higher than the paper's and the adaptive
+    # controller gets a short horizon (it may move beta by 0.2 * 64 / 500 = 2.6% an iteration): from
+    # beta 0.05 with a 2 000-episode horizon, KL ran to 12 nats in 20 iterations. The ptx term is a
+    # token-mean NLL next to a whitened, token-mean PPO loss, so the paper's 27.8 would swamp the RL
+    # gradient at this scale.
     c.ppo.kl_coef = 0.2
     c.ppo.adaptive_kl = True
     c.ppo.kl_target = 3.0

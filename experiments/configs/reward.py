@@ -61,12 +61,12 @@ def get_config(arg: str = "tiny"):
   # JSONL of {"prompt"} the normalisation samples (e.g. the PPO prompts, prepare_data's
   # ppo/prompts.jsonl); empty: the synthetic task's "ppo" split, or the training rankings' prompts.
   c.normalisation_files = ""
-  # Tiny, measured on 2 CPU cores (docs/pipeline.md, "Tiny settings"): at lr 3e-4 the loss stays near
-  # ln 2 for the whole epoch; 1e-3 moves it (2e-3 is unstable), and a second epoch at 1e-3
-  # only overfits (train loss 0.64, held-out accuracy down), as InstructGPT found. Four times the
-  # prompts (8 000, 500 steps) gave the same held-out accuracy (0.60 labeler / 0.75 gold order):
-  # what is left is judging the answers, which the SFT policy's own likelihood does (0.74 of
-  # answer pairs in gold order) but a scalar read at the last token does not learn here.
+  # Tiny, measured on 2 CPU cores (docs/pipeline.md, "Tiny settings"): at lr 3e-4 the loss stays
+  # near ln 2 for the whole epoch; 1e-3 moves it (2e-3 is unstable), and a second epoch at 1e-3 only
+  # overfits (train loss 0.64, held-out accuracy down), as InstructGPT found. Four times the prompts
+  # (8 000, 500 steps) gave the same held-out accuracy (0.60 labeler / 0.75 gold order): what is
+  # left is judging the answers, which the SFT policy's own likelihood does (0.74 of answer pairs in
+  # gold order) but a scalar read at the last token does not learn here.
   c.optimizer = base.optimizer_config(lr=1e-3 if size == "tiny" else 3e-4, warmup_steps=10)
   c.optimizer.weight_decay = 0.0
   c.steps = 125 if size == "tiny" else 1_000  # tiny: one epoch of 2 000 prompts at batch 16

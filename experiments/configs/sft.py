@@ -17,8 +17,8 @@ def get_config(arg: str = "tiny"):
   c = base.base_config("sft")
   c.model = base.model_config(size)
   tiny = size == "tiny"
-  # Tiny, measured on 2 CPU cores (docs/pipeline.md, "Tiny settings"): 300 steps at lr 1e-3 left the greedy
-  # gold score at ~0.3; at lr 2e-3 1 000 steps reach ~0.55 and 1 500 steps ~0.65, in ~170
+  # Tiny, measured on 2 CPU cores (docs/pipeline.md, "Tiny settings"): 300 steps at lr 1e-3 left the
+  # greedy gold score at ~0.3; at lr 2e-3 1 000 steps reach ~0.55 and 1 500 steps ~0.65, in ~170
   # CPU-seconds. 88 tokens hold the longest prompt (64) + answer (8) + remark (15) + EOS.
   c.data = base.data_config("demonstrations", seq_len=88 if tiny else 96, max_prompt_len=64)
   c.data.num_train = 8_000
