@@ -184,3 +184,12 @@ def test_the_evaluation_refuses_a_checkpoint_read_with_another_tokenizer(real_ru
   with pytest.raises(InputError, match="config.models.gpt.*tokenizer"):
     evaluate.model_config_of("gpt", str(real_run["ckpt"]), config,
                              common.tokenizer_from_config(config))
+
+
+@pytest.mark.parametrize("field", ["ppo_ptx.data.files", "judge.data.eval_files",
+                                   "ppo_ptx.ptx.files"])
+def test_a_missing_file_of_a_later_stage_stops_before_any_stage_trains(real_run, tmp_path, field):
+  config = fresh_config(real_run, **{field: str(tmp_path / "missing.jsonl")})
+  with pytest.raises(InputError, match=rf"config\.{field}: file not found: .*missing.jsonl"):
+    pipeline.run(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "sft").exists()

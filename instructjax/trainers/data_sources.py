@@ -48,6 +48,18 @@ def split_paths(value: str, where: str) -> list[str]:
   return paths
 
 
+def check_files(config, required: str, *optional: str) -> None:
+  """Before step 0: the comma-separated path fields of `config` (dotted names) name files that
+  exist, and `required` names at least one; an error names the field and the missing file."""
+  for field in (required, *optional):
+    value = config
+    for part in field.split("."):
+      value = value[part]
+    paths = split_paths(value, f"config.{field}")
+    if field == required and not paths:
+      raise InputError(f"config.{field}", "names no file (source=files needs at least one)")
+
+
 def _synthetic_files(config, data_dir: str) -> dict[str, list[str]]:
   """Writes the synthetic records once (process 0) and returns their paths per split."""
   task = synthetic_task(config)

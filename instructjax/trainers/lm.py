@@ -53,11 +53,13 @@ def datasets(config, workdir, tokenizer, local_batch, stats):
 
 
 def check_settings(config, layout: common.Layout, model_cfg, trained=None) -> None:
-  """Every setting the stage uses after step 0, checked before it: the rows fit the model, the
-  batch fits the mesh, the cadence, and for SFT on the synthetic task the final gold-score
+  """Every setting the stage uses after step 0, checked before it: its files exist, the rows fit
+  the model, the batch fits the mesh, the cadence, and for SFT on the synthetic task the final gold-score
   evaluation's sampling (`sft_eval.check_settings`)."""
   del trained  # a language-modelling stage reads no other workdir's model
-  from instructjax.trainers import sft_eval
+  from instructjax.trainers import data_sources, sft_eval
+  if config.data.source == "files":
+    data_sources.check_files(config, "data.train_files", "data.eval_files")
   common.check_seq_len(model_cfg, config.data.seq_len)
   parallel.check_global_batch(config.batch_size, layout.mesh, rules=layout.rules)
   loop.check_cadence(config)

@@ -149,8 +149,8 @@ def check_settings(config, layout: common.Layout, model_cfg, trained=None) -> No
   """Everything the stage uses after step 0, checked before it: `check_config`, the cadence,
   rollouts (prompt_len + max_new_tokens) within the policy's positions and the reward model's
   (which scores them; read from `reward_from`'s config.json, or `trained[reward_from]` for a
-  reward model a pipeline has still to train), the ptx rows, and the held-out greedy evaluation
-  on the synthetic task (`sft_eval.check_settings`)."""
+  reward model a pipeline has still to train), the ptx rows, the prompt and ptx files, and the
+  held-out greedy evaluation on the synthetic task (`sft_eval.check_settings`)."""
   cfg = ppo_config(config)
   check_config(config, cfg, layout)
   loop.check_cadence(config)
@@ -168,6 +168,10 @@ def check_settings(config, layout: common.Layout, model_cfg, trained=None) -> No
       common.check_seq_len(reward_cfg, rollout, f"{where} (scored by the reward model)")
   if config.ptx.source != "none":
     common.check_seq_len(model_cfg, config.ptx.seq_len, "config.ptx.seq_len")
+  if config.data.source == "files":
+    data_sources.check_files(config, "data.files")
+  if config.ptx.source == "files":
+    data_sources.check_files(config, "ptx.files", "ptx.eval_files")
   if config.data.source == "synthetic":
     sft_eval.check_settings(config, layout, model_cfg)
 

@@ -66,7 +66,7 @@ def check(config: ml_collections.ConfigDict) -> None:
                      "--config.data_dir=DIR (`python -m experiments.prepare_data ... --out DIR`)")
   if not 0.0 < config.judge_share < 1.0:
     raise InputError("config.judge_share", f"must be in (0, 1), got {config.judge_share}")
-  if "ppo_ptx" in config.stages.split(",") and not config.ptx_files:
+  if "ppo_ptx" in [name.strip() for name in config.stages.split(",")] and not config.ptx_files:
     if config.ppo_ptx.ppo.ptx_coef > 0:
       raise InputError("config.ptx_files", "PPO-ptx mixes in pretraining text: name it "
                        "(--config.ptx_files=corpus.jsonl or .txt), or leave ppo_ptx out of "

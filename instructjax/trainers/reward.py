@@ -151,6 +151,8 @@ def check_data_config(config) -> None:
   if d.source == "synthetic" and not whole_share(d.prompt_share):
     raise InputError("config.data.prompt_share", "applies to ranking files (source=files); "
                      "synthetic comparisons are collected per run")
+  if d.source == "files":
+    data_sources.check_files(config, "data.train_files", "data.eval_files")
   if config.normalisation_files:
     data_sources.split_paths(config.normalisation_files, "config.normalisation_files")
 
