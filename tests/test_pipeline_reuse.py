@@ -314,3 +314,21 @@ def test_the_stages_that_sample_for_training_must_draw_alike():
   config.reward.data.seq_len = 80
   with pytest.raises(InputError, match="config.reward.data.seq_len"):
     pipeline.check_one_sampling(config)
+
+
+def test_a_stage_recorded_before_a_field_existed_reads_as_that_field_s_old_behaviour(tmp_path,
+                                                                                     runs):
+  pipeline.run(smoke(), str(tmp_path))
+  for stage, key in (("ppo", "ppo.value_head_fit"), ("reward", "data.prompt_share"),
+                     ("evaluate", "prompts_file")):
+    path = os.path.join(tmp_path, stage, "done.json")
+    record = done(tmp_path, stage)
+    assert record["config"][key] == pipeline.ADDED_FIELDS[key]
+    del record["config"][key]  # as a stage that ran before the field existed recorded it
+    with open(path, "w") as f:
+      json.dump(record, f)
+  runs.calls.clear()
+  pipeline.run(smoke(), str(tmp_path))
+  assert runs.calls == []
+  with pytest.raises(InputError, match='ppo.value_head_fit: "none" -> "first_rollout"'):
+    pipeline.run(smoke(**{"ppo.ppo.value_head_fit": "first_rollout"}), str(tmp_path))

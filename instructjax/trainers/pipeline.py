@@ -64,6 +64,19 @@ STAGE_LINKS = dict(STAGES)
 NOT_DECIDING = ("log_every", "eval_every", "eval_at_start", "save_every", "keep_checkpoints",
                 "async_checkpoints", "distributed", "mesh", "sharding_rules", "model.remat",
                 "model.scan_unroll", "model.attention_impl")
+# Fields added to the stage configs after stages had recorded what decided them, each with the
+# value that does what those stages did before the field existed. A record without such a field
+# reads as having that value, so upgrading InstructJAX does not make a finished stage stale; a
+# config that sets the field otherwise still differs from it. Adding a field with another
+# default (one that changes what a stage computes) belongs nowhere here.
+ADDED_FIELDS = {
+    "ppo.value_head_fit": "none",        # PPO, PPO-ptx: no refit of the value head
+    "data.prompt_share": [0.0, 1.0],     # reward models: every training ranking
+    "normalisation_files": "",           # reward models: the prompts they were normalised on
+    "judge_from": "",                    # evaluation: no held-out judge
+    "prompts_file": "",                  # evaluation: the synthetic task's prompts
+    "rankings_file": "",                 # evaluation: the comparisons the RM collected
+}
 RECORD_FILE = "pipeline.json"  # what decided the stage, written when it starts
 DONE_FILE = "done.json"        # the same and a run id, written when it finishes
 
@@ -280,6 +293,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str, names: Sequence[str],
       continue
     now = decisive(stage_config(config, name, workdir).to_dict(), workdir)
     old, _ = recorded(stage_dir, workdir)
+    if old is not None:
+      old = {**{k: v for k, v in ADDED_FIELDS.items() if k in now}, **old}
     done = is_done(stage_dir)
     if done or has_progress(stage_dir):
       state[name] = "reuse" if done else ("resume" if selected else "partial")
