@@ -490,9 +490,7 @@ def accuracy_by_k(rm: RewardModel, rankings: Sequence[dict], *, batch_size: int,
                   tokenizer: Tokenizer) -> dict[str, dict[str, float]]:
   """`evaluation.pair_accuracy_by_k` of the RM's scores of every ranking's responses, each read
   by the scoring rule (an EOS only where it `ended`)."""
-  prompts = [r["prompt"] for r in rankings for _ in r["responses"]]
-  responses = [t for r in rankings for t in r["responses"]]
-  ended = [e for r in rankings for e in r.get("ended") or [True] * len(r["responses"])]
+  prompts, responses, ended = _flat(rankings)
   scores = iter(rm.score(prompts, responses, batch_size=batch_size, layout=layout,
                          tokenizer=tokenizer, ended=ended).tolist())
   return evaluation.pair_accuracy_by_k(
@@ -515,6 +513,14 @@ def _sft_log_likelihoods(sft_policy: Policy, prompts: Sequence[str], responses: 
                                        prompt_len=max_prompt_len, max_new_tokens=longest,
                                        batch_size=batch_size, compiled=compiled)
   return (log_probs * mask).sum(1)
+
+
+def _flat(rankings: Sequence[dict]) -> tuple[list[str], list[str], list[bool]]:
+  """(prompt, response, ended) of every response of the rankings, in order: what the reward
+  model scores (written responses without `ended` are complete)."""
+  return ([r["prompt"] for r in rankings for _ in r["responses"]],
+          [t for r in rankings for t in r["responses"]],
+          [e for r in rankings for e in r.get("ended") or [True] * len(r["responses"])])
 
 
 def _graded_rankings(reward_workdir: str, split: str) -> list[dict]:
@@ -549,11 +555,6 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
   rm_config = workdirs.read_config(reward_workdir)  # the world the comparisons were ranked in
   task = synthetic_task(rm_config) if rm_config is not None else fallback_task
 
-  def texts(rankings):
-    return ([r["prompt"] for r in rankings for _ in r["responses"]],
-            [t for r in rankings for t in r["responses"]],
-            [e for r in rankings for e in r.get("ended") or [True] * len(r["responses"])])
-
   def by_kind(rankings, scores: np.ndarray) -> dict[str, dict[str, float]]:
     scores = iter(scores.tolist())
     pairs = []
@@ -568,7 +569,7 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
     return rm.score(prompts, responses, batch_size=batch_size, layout=layout, tokenizer=tokenizer,
                     ended=ended)
 
-  prompts, responses, ended = texts(rankings)
+  prompts, responses, ended = _flat(rankings)
   out = by_kind(rankings, rm_scores(prompts, responses, ended))
   if sft_policy is not None:
     likelihood = by_kind(rankings, _sft_log_likelihoods(
@@ -578,7 +579,7 @@ def reward_model_breakdown(rm: RewardModel, reward_workdir: str, fallback_task, 
       row["sft_likelihood_gold_accuracy"] = likelihood[kind]["gold_accuracy"]
   train = _graded_rankings(reward_workdir, "train")[:train_rankings]
   if train:
-    on_train = by_kind(train, rm_scores(*texts(train)))
+    on_train = by_kind(train, rm_scores(*_flat(train)))
     for kind, row in out.items():  # a kind absent from the training slice gets NaN ("–")
       row["train_gold_accuracy"] = on_train.get(kind, {}).get("gold_accuracy", float("nan"))
   return out

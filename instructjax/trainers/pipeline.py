@@ -428,7 +428,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, rerun: Sequence[str] = 
   from instructjax.trainers import recipe, stages
   if recipe.is_recipe(config):
     recipe.resolve(config)
-  names = selected_stages(config.stages, Graph.of(config).names)
+  graph = Graph.of(config)
+  names = selected_stages(config.stages, graph.names)
   the_plan = plan(config, workdir, names, rerun)
   check_stages(config, workdir, [name for name in names if the_plan.runs(name)])
   check_one_sampling(config)
@@ -446,8 +447,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, rerun: Sequence[str] = 
     section = stage_config(config, name, workdir)
     record = dict(config=decisive(section.to_dict(), workdir),
                   inputs={source: run_id(os.path.join(workdir, source))
-                          for source in Graph.of(config).ordered(
-                              Graph.of(config).built_from(name))})
+                          for source in graph.ordered(graph.built_from(name))})
     write_record(stage_dir, record)
     stage_started = time.perf_counter()
     final = stages.stage_runner(section.stage)(section, stage_dir)

@@ -44,21 +44,20 @@ def check_settings(config, layout, model_cfg, trained=None) -> None:
     check(config, layout, model_cfg, trained)
 
 
-def check_sampling(sampling, layout, model_cfg, *, where: str = "config.sampling",
-                   prompt_len: int | None = None, greedy: bool = False) -> None:
+def check_sampling(sampling, layout, model_cfg, *, greedy: bool = False) -> None:
   """The one rule for a `sampling` section a stage samples with: a valid SamplingConfig,
   prompt_len >= 1, prompt_len + max_new_tokens within the model's learned positions
   (`common.check_seq_len`), and batch_size divisible over the mesh's batch shards and the
-  processes (`parallel.check_global_batch`). `prompt_len` overrides the section's (e.g. the
-  evaluation's few-shot prompts)."""
+  processes (`parallel.check_global_batch`)."""
   from instructjax import parallel
   from instructjax.errors import InputError
   from instructjax.trainers import common
+  where = "config.sampling"
   try:
     common.sampling_config(sampling, greedy)
   except InputError as e:
     raise InputError(where, e.problem) from None
-  prompt_len = sampling.prompt_len if prompt_len is None else prompt_len
+  prompt_len = sampling.prompt_len
   if not isinstance(prompt_len, int) or prompt_len < 1:
     raise InputError(f"{where}.prompt_len", f"must be an integer >= 1, got {prompt_len!r}")
   common.check_seq_len(model_cfg, prompt_len + sampling.max_new_tokens,
